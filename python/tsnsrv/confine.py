@@ -1,0 +1,349 @@
+"""Keep tailnet peers away from the host's loopback when tsnsrv spawns tailscaled.
+
+A userspace tailscaled forwards every tailnet port that Serve does not claim to
+127.0.0.1:<same port> on the host (wgengine/netstack: "case isTailscaleIP: dialIP =
+ipv4Loopback"; UDP alike), so a peer allowed to reach the service could reach the
+host's Postgres on 127.0.0.1:5432 through it. Under systemd the NixOS module closes
+this with IPAddressDeny=localhost on the tailscaled unit. Without systemd, and
+without root, the strongest mechanism is a seccomp filter with a user-space
+supervisor (SECCOMP_RET_USER_NOTIF, Linux >= 5.5): every connect() and bind() of the
+spawned tailscaled is shown to tsnsrv, which reads the target address from the
+daemon's memory and refuses loopback destinations other than an allow-list (the
+front listener, a loopback control server or DNS resolver). Loopback binds are
+refused outright, which is what the UDP forwarder needs first. Other system calls,
+including the per-packet ones, never leave the kernel.
+
+If tsnsrv dies, the kernel fails the filtered calls (ENOSYS): the guard fails closed.
+A check-then-continue supervisor cannot stop a process that rewrites its own memory
+between the check and the call (seccomp_unotify(2)); the adversary here is a remote
+peer choosing a port, not tailscaled itself, so that does not apply.
+
+`python -m tsnsrv.confine` is the small exec wrapper that installs the filter in the
+child, hands the notification fd to tsnsrv and executes tailscaled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import platform
+import pwd
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
+
+# <linux/seccomp.h>, <linux/filter.h>, <linux/audit.h>
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_JGE_K, BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+
+NOTIF = struct.Struct("=QIIiIQ6Q")  # seccomp_notif: id, pid, flags, then seccomp_data
+NOTIF_RESP = struct.Struct("=QqiI")  # seccomp_notif_resp: id, val, error, flags
+
+
+def _ioc(direction: int, number: int, size: int) -> int:
+    return direction << 30 | size << 16 | ord("!") << 8 | number
+
+
+IOCTL_NOTIF_RECV = _ioc(3, 0, NOTIF.size)
+IOCTL_NOTIF_SEND = _ioc(3, 1, NOTIF_RESP.size)
+IOCTL_NOTIF_ID_VALID = _ioc(1, 2, 8)
+SYS_PIDFD_GETFD = 438  # the same on every architecture since the syscall table unification
+
+# Per architecture: audit arch, seccomp(2), connect(2), bind(2), io_uring_setup(2).
+# io_uring could issue connects that seccomp never sees, so it is refused.
+ARCHES = {
+    "x86_64": (0xC000003E, 317, 42, 49, 425),
+    "aarch64": (0xC00000B7, 277, 203, 200, 425),
+}
+X32_SYSCALL_BIT = 0x40000000
+
+
+class ConfinementUnavailable(Exception):
+    pass
+
+
+def _arch() -> tuple[int, int, int, int, int]:
+    machine = platform.machine()
+    if sys.platform != "linux" or machine not in ARCHES:
+        raise ConfinementUnavailable(f"seccomp confinement is implemented for Linux on "
+                                     f"{' and '.join(ARCHES)}, not {sys.platform}/{machine}")
+    return ARCHES[machine]
+
+
+def build_filter() -> bytes:
+    audit_arch, _seccomp, connect, bind, io_uring_setup = _arch()
+    deny = SECCOMP_RET_ERRNO | errno.EPERM
+    program = [
+        (BPF_LD_W_ABS, 0, 0, 4),                      # A = seccomp_data.arch
+        (BPF_JEQ_K, 1, 0, audit_arch),
+        (BPF_RET_K, 0, 0, deny),                      # foreign ABI (e.g. i386 via int 0x80)
+        (BPF_LD_W_ABS, 0, 0, 0),                      # A = seccomp_data.nr
+        (BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
+        (BPF_RET_K, 0, 0, deny),                      # x32 ABI
+        (BPF_JEQ_K, 2, 0, connect),
+        (BPF_JEQ_K, 1, 0, bind),
+        (BPF_JEQ_K, 1, 2, io_uring_setup),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),    # connect, bind
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),  # io_uring_setup
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+
+
+def _install_filter() -> int:
+    """Install the filter on this process; returns the notification fd."""
+    _, seccomp_nr, *_ = _arch()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    code = build_filter()
+    filters = ctypes.create_string_buffer(code, len(code))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    prog = SockFprog(len(code) // 8, ctypes.addressof(filters))
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(seccomp_nr, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, ctypes.byref(prog))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "seccomp(SECCOMP_SET_MODE_FILTER, NEW_LISTENER)")
+    return fd
+
+
+def _drop_privileges(user: str) -> None:
+    entry = pwd.getpwnam(user)
+    os.initgroups(user, entry.pw_gid)
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    os.environ["HOME"] = entry.pw_dir
+    os.environ["USER"] = os.environ["LOGNAME"] = user
+
+
+def exec_confined(argv: list[str]) -> None:
+    """Entry point of `python -m tsnsrv.confine [--user USER] --notify-fd N -- PROGRAM ARGS...`."""
+    user, notify_fd = None, None
+    while argv and argv[0] != "--":
+        flag, value, *argv = argv
+        if flag == "--user":
+            user = value
+        elif flag == "--notify-fd":
+            notify_fd = int(value)
+        else:
+            raise SystemExit(f"tsnsrv.confine: unknown flag {flag}")
+    program = argv[1:]
+    if notify_fd is None or not program:
+        raise SystemExit("usage: python -m tsnsrv.confine [--user USER] --notify-fd N -- PROGRAM ARGS...")
+    if user is not None:
+        _drop_privileges(user)
+    # After the uid change, which clears it: die with tsnsrv even before tailscaled reads its pipe.
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    with socket.socket(fileno=notify_fd) as channel:
+        try:
+            listener = _install_filter()
+        except (OSError, ConfinementUnavailable) as exc:
+            # tsnsrv decides what an unconfined daemon means (it warns); the wrapper just reports.
+            channel.sendall(f"unavailable: {exc}".encode())
+        else:
+            socket.send_fds(channel, [b"seccomp"], [listener])
+            os.close(listener)
+    os.execvp(program[0], program)
+
+
+def receive_listener(channel: socket.socket, timeout: float) -> int:
+    """The notification fd the wrapper sends before it execs tailscaled."""
+    channel.settimeout(timeout)
+    try:
+        message, fds, _flags, _addr = socket.recv_fds(channel, 4096, 1)
+    except TimeoutError:
+        raise ConfinementUnavailable("the confinement wrapper sent no seccomp listener") from None
+    if not fds:
+        reason = message.decode(errors="replace").removeprefix("unavailable: ") or "the wrapper exited"
+        raise ConfinementUnavailable(reason)
+    return fds[0]
+
+
+Endpoint = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
+
+
+def _socket_type(tid: int, fd: int) -> int | None:
+    """SOCK_STREAM or SOCK_DGRAM of another process's fd, via pidfd_getfd(2) (Linux >= 5.6)."""
+    try:
+        with open(f"/proc/{tid}/status") as status:
+            tgid = next(int(line.split()[1]) for line in status if line.startswith("Tgid:"))
+        pidfd = os.pidfd_open(tgid)
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        copy = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if copy < 0:
+            return None
+        with socket.socket(fileno=copy) as sock:
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    except OSError:
+        return None
+    finally:
+        os.close(pidfd)
+
+
+def _parse_sockaddr(raw: bytes) -> Endpoint | None:
+    """(ip, port) of an AF_INET/AF_INET6 sockaddr, None for other families."""
+    if len(raw) < 2:
+        return None
+    family = struct.unpack_from("=H", raw)[0]
+    if family == socket.AF_INET and len(raw) >= 8:
+        return ipaddress.IPv4Address(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        ip = ipaddress.IPv6Address(raw[8:24])
+        return ip.ipv4_mapped or ip, struct.unpack_from("!H", raw, 2)[0]
+    return None
+
+
+class LoopbackGuard:
+    """Supervises the seccomp notifications of one tailscaled process tree."""
+
+    def __init__(self, listener_fd: int, allowed: Iterable[Endpoint] = ()):
+        _, _, self._connect_nr, self._bind_nr, _ = _arch()
+        self._fd = listener_fd
+        self._allowed: frozenset[Endpoint] = frozenset(allowed)
+        self._stopping = False
+        self._last_logged: dict[tuple[str, Endpoint], float] = {}
+        self.refused = 0
+        self._thread = threading.Thread(target=self._run, name="tsnsrv-loopback-guard", daemon=True)
+        self._thread.start()
+
+    def allow(self, endpoints: Iterable[Endpoint]) -> None:
+        self._allowed = self._allowed | frozenset(endpoints)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._thread.join(timeout=2)
+        os.close(self._fd)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        while not self._stopping:
+            events = poller.poll(200)
+            if any(mask & (select.POLLHUP | select.POLLERR) for _, mask in events):
+                return  # every confined process has exited
+            if events:
+                self._handle_one()
+
+    def _handle_one(self) -> None:
+        buffer = bytearray(NOTIF.size)
+        try:
+            fcntl.ioctl(self._fd, IOCTL_NOTIF_RECV, buffer, True)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINTR):
+                return  # the caller went away before we looked
+            raise
+        notif_id, pid, _flags, nr, _arch_, _ip, fd, address, length, *_ = NOTIF.unpack(buffer)
+        call = "connect" if nr == self._connect_nr else "bind"
+        endpoint = self._read_sockaddr(pid, address, min(length, 128))
+        sock_type = _socket_type(pid, fd) if call == "bind" and endpoint and endpoint[0].version == 4 else None
+        if not self._id_valid(notif_id):
+            return
+        error = self._decide(call, endpoint, sock_type)
+        if error:
+            self.refused += 1
+            if endpoint:
+                self._log_refusal(call, endpoint)
+        flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE if error == 0 else 0
+        response = bytearray(NOTIF_RESP.pack(notif_id, 0, -error, flags))
+        try:
+            fcntl.ioctl(self._fd, IOCTL_NOTIF_SEND, response, True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+    def _decide(self, call: str, endpoint: Endpoint | None | bool, sock_type: int | None) -> int:
+        """0 to let the call proceed, else the errno to fail it with."""
+        if endpoint is False:
+            return errno.EPERM  # unreadable: refuse rather than guess
+        if endpoint is None:
+            return 0  # not an IP socket address
+        ip, _port = endpoint
+        if call == "connect":
+            # Connecting to 0.0.0.0 or :: reaches this host's loopback too.
+            reaches_host = ip.is_loopback or ip.is_unspecified
+            return errno.ECONNREFUSED if reaches_host and endpoint not in self._allowed else 0
+        # The UDP forwarder binds 127.0.0.1 before sending to the host's port (and
+        # retries with port 0), so no IPv4 loopback UDP socket may exist. Other binds
+        # (netcheck's [::1]:0 IPv6 probe, TCP listeners, 0.0.0.0) reach nothing.
+        if ip.version == 4 and ip.is_loopback and sock_type != socket.SOCK_STREAM:
+            return errno.EPERM
+        return 0
+
+    @staticmethod
+    def _read_sockaddr(pid: int, address: int, length: int) -> Endpoint | None | bool:
+        try:
+            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            return _parse_sockaddr(os.pread(fd, length, address))
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _id_valid(self, notif_id: int) -> bool:
+        try:
+            fcntl.ioctl(self._fd, IOCTL_NOTIF_ID_VALID, bytearray(struct.pack("=Q", notif_id)), True)
+            return True
+        except OSError:
+            return False
+
+    def _log_refusal(self, call: str, endpoint: Endpoint) -> None:
+        now = time.monotonic()
+        key = (call, endpoint)
+        if now - self._last_logged.get(key, -60.0) >= 60.0:
+            self._last_logged[key] = now
+            ip, port = endpoint
+            if call == "connect":
+                log.warning("refused tailscaled's connection to host loopback %s:%d: a tailnet peer tried to reach "
+                            "a port this service does not serve (repeats within a minute are not logged)", ip, port)
+            else:
+                log.info("refused tailscaled a UDP socket on host loopback %s:%d (tailnet UDP to host ports is "
+                         "blocked)", ip, port)
+
+
+def resolver_endpoints(resolv_conf: str = "/etc/resolv.conf") -> set[Endpoint]:
+    """Loopback DNS resolvers tailscaled may need (e.g. systemd-resolved's 127.0.0.53)."""
+    endpoints: set[Endpoint] = set()
+    try:
+        with open(resolv_conf) as f:
+            for line in f:
+                words = line.split()
+                if len(words) >= 2 and words[0] == "nameserver":
+                    try:
+                        ip = ipaddress.ip_address(words[1].split("%")[0])
+                    except ValueError:
+                        continue
+                    if ip.is_loopback:
+                        endpoints.add((ip, 53))
+    except OSError:
+        pass
+    return endpoints
+
+
+if __name__ == "__main__":
+    exec_confined(sys.argv[1:])

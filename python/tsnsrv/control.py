@@ -1,0 +1,148 @@
+"""What the service reports about itself: /health and /metrics on a local unix socket.
+
+`tsnsrv status` reads these sockets; systemd readiness follows the same `ready` flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from aiohttp import web
+
+from . import __version__
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define
+class Health:
+    name: str
+    mode: str  # "spawn" or "attach"
+    upstream: str
+    listen_port: int
+    tls_mode: str  # "plaintext", "tailscale" or "files"
+    funnel: bool
+    tailscaled: str = "starting"  # starting, running, restarting, unreachable, stopped
+    tailscaled_pid: int | None = None
+    tailscaled_restarts: int = 0
+    confined: str = "unknown"
+    backend_state: str = "Unknown"
+    dns_name: str = ""
+    addresses: tuple[str, ...] = ()
+    serve_config: bool = False
+    front: str = ""
+    accepting: bool = False
+    certificate_not_after: dt.datetime | None = None
+    certificate_source: str = ""
+    stopping: bool = False
+    started: float = attrs.field(factory=time.time)
+
+    @property
+    def ready(self) -> bool:
+        return (not self.stopping and self.tailscaled == "running" and self.backend_state == "Running"
+                and self.serve_config and self.accepting
+                and (self.tls_mode == "plaintext" or self.certificate_not_after is not None))
+
+    @property
+    def url(self) -> str:
+        if not self.dns_name:
+            return ""
+        scheme = "http" if self.tls_mode == "plaintext" else "https"
+        default = 80 if scheme == "http" else 443
+        port = "" if self.listen_port == default else f":{self.listen_port}"
+        return f"{scheme}://{self.dns_name}{port}/"
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS= and the log."""
+        if self.stopping:
+            return "stopping"
+        if self.ready:
+            return f"serving {self.url} -> {self.upstream}"
+        return f"not ready: tailscaled {self.tailscaled}, node {self.backend_state}"
+
+    def as_json(self) -> dict[str, Any]:
+        expiry = self.certificate_not_after
+        return {
+            "name": self.name,
+            "version": __version__,
+            "ready": self.ready,
+            "status": self.summary(),
+            "pid": os.getpid(),
+            "uptimeSeconds": round(time.time() - self.started, 1),
+            "tailscaled": {"mode": self.mode, "state": self.tailscaled, "pid": self.tailscaled_pid,
+                           "restarts": self.tailscaled_restarts, "loopbackGuard": self.confined},
+            "node": {"state": self.backend_state, "dnsName": self.dns_name, "addresses": list(self.addresses),
+                     "url": self.url},
+            "serve": {"configured": self.serve_config, "port": self.listen_port, "funnel": self.funnel,
+                      "front": self.front, "accepting": self.accepting},
+            "tls": {"mode": self.tls_mode, "source": self.certificate_source,
+                    "notAfter": expiry.isoformat() if expiry else None,
+                    "secondsLeft": round((expiry - dt.datetime.now(dt.timezone.utc)).total_seconds())
+                    if expiry else None},
+            "upstream": {"url": self.upstream},
+        }
+
+
+UpstreamProbe = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class ControlServer:
+    """/health (JSON; 503 until ready; ?probe=1 also tries the upstream) and /metrics."""
+
+    def __init__(self, health: Health, metrics: Metrics, probe_upstream: UpstreamProbe):
+        self.health = health
+        self.metrics = metrics
+        self.probe_upstream = probe_upstream
+        self._runners: list[web.AppRunner] = []
+
+    def _app(self, with_health: bool) -> web.Application:
+        app = web.Application()
+        if with_health:
+            app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        body = self.health.as_json()
+        if request.query.get("probe"):
+            body["upstream"].update(await self.probe_upstream())
+        return web.json_response(body, status=200 if self.health.ready else 503)
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def start_unix(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if path.is_socket():
+            path.unlink()
+        runner = web.AppRunner(self._app(with_health=True), access_log=None)
+        await runner.setup()
+        await web.UnixSite(runner, str(path)).start()
+        os.chmod(path, 0o660)  # root and the service's own user/group may ask
+        self._runners.append(runner)
+
+    async def start_tcp(self, host: str, port: int) -> None:
+        runner = web.AppRunner(self._app(with_health=False), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host or None, port).start()
+        self._runners.append(runner)
+        log.info("metrics on http://%s:%d/metrics", host or "*", port)
+
+    async def tailnet_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        """/metrics for a front listener on a tailnet port (--metrics-addr tailnet:PORT)."""
+        if request.path != "/metrics":
+            return web.Response(status=404, text="404 Not Found\n")
+        return await self._metrics(request)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(runner.cleanup() for runner in self._runners), return_exceptions=True)

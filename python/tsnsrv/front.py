@@ -1,0 +1,204 @@
+"""The front listener: where tailscaled's Serve forwards tailnet (and Funnel) connections.
+
+Each connection must come from our tailscaled (see peercheck), starts with a PROXY v2
+header naming the real client, then carries TLS or plain HTTP, which aiohttp's
+request handler takes over. The handler knows its client from `request.protocol.peer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from . import proxyproto
+from .access import FUNNEL, TAILNET
+from .identity import is_tailnet_address
+from .metrics import Metrics
+from .peercheck import TailscaledPeerCheck
+
+log = logging.getLogger(__name__)
+
+PROXY_HEADER_TIMEOUT = 10.0
+# aiohttp's request parser limits; Go's net/http allows 1 MiB of headers.
+HTTP_LIMITS = {"max_line_size": 65536, "max_field_size": 65536}
+
+
+@attrs.frozen
+class Peer:
+    """The client behind one front connection, from its PROXY header."""
+
+    address: str
+    port: int
+    provenance: str  # TAILNET or FUNNEL
+    tls: bool
+
+    @property
+    def is_funnel(self) -> bool:
+        return self.provenance == FUNNEL
+
+
+class TailnetConnection(RequestHandler):
+    """aiohttp's HTTP/1.1 connection handler, knowing its client and guarding header reads.
+
+    Between requests (and before the first) the client has `header_timeout` to deliver a
+    complete request head; a slowloris trickle or an idle keep-alive connection past
+    that is closed, like Go's ReadHeaderTimeout with IdleTimeout unset.
+    """
+
+    def __init__(self, manager: web.Server, *, peer: Peer, header_timeout: float, **kwargs: Any):
+        super().__init__(manager, **kwargs)
+        self.peer = peer
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.request_finished()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.request_started()
+        super().connection_lost(exc)
+
+    def request_started(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def request_finished(self) -> None:
+        if self._header_timeout > 0:
+            self._header_timer = asyncio.get_running_loop().call_later(self._header_timeout, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        log.debug("closing connection from %s: no request head within %.0fs", self.peer.address,
+                  self._header_timeout)
+        if self.transport is not None:
+            self.transport.close()
+
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class FrontListener:
+    def __init__(self, address: str, handler: Handler, peer_check: TailscaledPeerCheck, metrics: Metrics, *,
+                 read_header_timeout: float, funnel_read_header_timeout: float, accept_tailnet: bool,
+                 accept_funnel: bool):
+        self.address = address
+
+        async def guarded(request: web.BaseRequest) -> web.StreamResponse:
+            connection: TailnetConnection = request.protocol  # type: ignore[assignment]
+            connection.request_started()
+            try:
+                return await handler(request)
+            finally:
+                connection.request_finished()
+
+        # handler_cancellation: a client that hangs up cancels its upstream exchange too.
+        self.web_server = web.Server(guarded, handler_cancellation=True, access_log=None)
+        self.peer_check = peer_check
+        self.metrics = metrics
+        self.tls_context: ssl.SSLContext | None = None
+        self.read_header_timeout = read_header_timeout
+        self.funnel_read_header_timeout = funnel_read_header_timeout
+        self.accept_tailnet = accept_tailnet
+        self.accept_funnel = accept_funnel
+        self._socket: socket.socket | None = None
+        self._accept_task: asyncio.Task | None = None
+        self._admissions: set[asyncio.Task] = set()
+        self._last_refusal_log = 0.0
+
+    def bind(self) -> int:
+        """Bind to an ephemeral port on the front address; returns the port."""
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.bind((self.address, 0))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self._socket = sock
+        return sock.getsockname()[1]
+
+    @property
+    def port(self) -> int:
+        assert self._socket is not None
+        return self._socket.getsockname()[1]
+
+    @property
+    def accepting(self) -> bool:
+        return self._accept_task is not None and not self._accept_task.done()
+
+    def start(self) -> None:
+        self._accept_task = asyncio.create_task(self._accept_loop(), name=f"front-accept-{self.address}")
+
+    async def stop_accepting(self) -> None:
+        """Close the listening socket: tailscaled's forwards now fail and clients see a reset."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+        if self._socket is not None:
+            self._socket.close()
+        for task in list(self._admissions):
+            task.cancel()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._socket is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._socket)
+            except OSError as exc:
+                log.warning("front listener accept failed: %s", exc)
+                await asyncio.sleep(0.1)  # e.g. EMFILE: give closing connections a moment
+                continue
+            task = asyncio.create_task(self._admit(conn))
+            self._admissions.add(task)
+            task.add_done_callback(self._admissions.discard)
+
+    async def _admit(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        refusal = self.peer_check.refusal(conn)
+        if refusal is not None:
+            self._refuse(conn, "not_tailscaled", f"refused a front connection: {refusal}", logging.WARNING)
+            return
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            header = await asyncio.wait_for(proxyproto.read(loop, conn), PROXY_HEADER_TIMEOUT)
+        except (proxyproto.ProxyHeaderError, asyncio.TimeoutError, OSError) as exc:
+            self._refuse(conn, "bad_proxy_header", f"refused a front connection: {exc or 'PROXY header timeout'}",
+                         logging.WARNING)
+            return
+        provenance = TAILNET if is_tailnet_address(header.source) else FUNNEL
+        if (provenance == TAILNET and not self.accept_tailnet) or (provenance == FUNNEL and not self.accept_funnel):
+            self._refuse(conn, f"{provenance}_not_served",
+                         f"refused a {provenance} client {header.source}: this service does not serve them",
+                         logging.INFO)
+            return
+        tls = self.tls_context
+        peer = Peer(str(header.source), header.source_port, provenance, tls is not None)
+        timeout = self.funnel_read_header_timeout if provenance == FUNNEL else self.read_header_timeout
+
+        def connection() -> TailnetConnection:
+            return TailnetConnection(self.web_server, loop=loop, peer=peer, header_timeout=timeout,
+                                     access_log=None, **HTTP_LIMITS)
+
+        try:
+            await loop.connect_accepted_socket(connection, conn, ssl=tls,
+                                               ssl_handshake_timeout=(timeout or 60.0) if tls else None)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.debug("TLS handshake with %s failed: %s", peer.address, exc)
+            conn.close()
+
+    def _refuse(self, conn: socket.socket, reason: str, message: str, level: int) -> None:
+        conn.close()
+        self.metrics.refused_connections.labels(reason).inc()
+        now = time.monotonic()
+        if now - self._last_refusal_log > 1.0:
+            self._last_refusal_log = now
+            log.log(level, message)

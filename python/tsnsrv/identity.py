@@ -1,0 +1,154 @@
+"""Who a request comes from, and the headers that tell the upstream.
+
+Identity comes from the LocalAPI `whois` of the PROXY header's source address. A
+peer's address maps to one node for as long as it is on the tailnet, so answers are
+cached per address for a short time; concurrent requests from a new address share
+one lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from .access import Identity
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+TAILNET_RANGES = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
+
+# Inbound headers that could impersonate what tsnsrv asserts; removed from every request.
+SPOOFABLE_PREFIXES = ("x-tailscale-", "tailscale-", "x-forwarded-")
+SPOOFABLE_NAMES = frozenset({"forwarded", "x-real-ip", "x-scheme"})
+
+
+def is_tailnet_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return any(ip in network for network in TAILNET_RANGES)
+
+
+def is_spoofable(header_name: str) -> bool:
+    lower = header_name.lower()
+    return lower in SPOOFABLE_NAMES or lower.startswith(SPOOFABLE_PREFIXES)
+
+
+WhoisFunction = Callable[[str, float], Awaitable[dict | None]]
+
+
+class WhoisCache:
+    def __init__(self, whois: WhoisFunction, timeout: float, metrics: Metrics, ttl: float = 10.0,
+                 max_entries: int = 4096):
+        self._whois = whois
+        self._timeout = timeout
+        self._metrics = metrics
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[float, Identity | None]] = OrderedDict()
+        self._pending: dict[str, asyncio.Future[Identity | None]] = {}
+        self._last_warning = 0.0
+
+    async def lookup(self, address: str) -> Identity | None:
+        entry = self._entries.get(address)
+        if entry is not None and entry[0] > time.monotonic():
+            self._entries.move_to_end(address)
+            self._metrics.whois.labels("cached").inc()
+            return entry[1]
+        pending = self._pending.get(address)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Identity | None] = asyncio.get_running_loop().create_future()
+        self._pending[address] = future
+        try:
+            identity = await self._ask(address)
+            future.set_result(identity)
+            return identity
+        finally:
+            del self._pending[address]
+            if not future.done():
+                future.set_result(None)
+
+    async def _ask(self, address: str) -> Identity | None:
+        try:
+            answer = await self._whois(address, self._timeout or None)
+        except Exception as exc:  # noqa: BLE001 - any failure means "no identity", and is reported
+            self._metrics.whois.labels("error").inc()
+            now = time.monotonic()
+            if now - self._last_warning > 10:
+                self._last_warning = now
+                log.warning("whois %s failed, request proceeds without identity headers: %s", address,
+                            exc or type(exc).__name__)
+            return None
+        identity = Identity.from_whois(answer) if answer else None
+        self._metrics.whois.labels("found" if identity else "unknown").inc()
+        self._entries[address] = (time.monotonic() + self._ttl, identity)
+        if len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+        return identity
+
+
+def _header_safe(value: str) -> str:
+    return value.replace("\r", " ").replace("\n", " ")
+
+
+def _q_encode(value: str) -> str:
+    """RFC 2047 Q-encoding for non-ASCII values, as `tailscale serve` sends them."""
+    if value.isascii():
+        return value
+    encoded = []
+    for byte in value.encode("utf-8"):
+        char = chr(byte)
+        if char.isascii() and (char.isalnum() or char in "!*+-/"):
+            encoded.append(char)
+        elif char == " ":
+            encoded.append("_")
+        else:
+            encoded.append(f"={byte:02X}")
+    return "=?utf-8?q?" + "".join(encoded) + "?="
+
+
+def tsnsrv_headers(identity: Identity) -> list[tuple[str, str]]:
+    """The Go tsnsrv's X-Tailscale-* set. Tagged nodes carry node name and tags, no user."""
+    headers = []
+    if not identity.tagged:
+        login = identity.login_name
+        headers.append(("X-Tailscale-User", identity.user_id))
+        headers.append(("X-Tailscale-User-LoginName", login))
+        if "@" in login:
+            local, _, domain = login.partition("@")
+            headers.append(("X-Tailscale-User-LoginName-Localpart", local))
+            headers.append(("X-Tailscale-User-LoginName-Domain", domain))
+        headers.append(("X-Tailscale-User-DisplayName", identity.display_name))
+        if identity.profile_pic_url:
+            headers.append(("X-Tailscale-User-ProfilePicURL", identity.profile_pic_url))
+    if identity.peer_caps:
+        headers.append(("X-Tailscale-Caps", ", ".join(sorted(identity.peer_caps))))
+    headers.append(("X-Tailscale-Node", identity.node_id))
+    headers.append(("X-Tailscale-Node-Name", identity.node_name))
+    if identity.node_caps:
+        headers.append(("X-Tailscale-Node-Caps", ", ".join(identity.node_caps)))
+    if identity.node_tags:
+        headers.append(("X-Tailscale-Node-Tags", ", ".join(identity.node_tags)))
+    return [(name, _header_safe(value)) for name, value in headers]
+
+
+def serve_headers(identity: Identity | None, funnel: bool, app_capabilities: list[str]) -> list[tuple[str, str]]:
+    """The `tailscale serve` schema: Tailscale-User-* for user-owned nodes, and granted app capabilities."""
+    if funnel:
+        return [("Tailscale-Funnel-Request", "?1")]
+    if identity is None:
+        return []
+    headers = []
+    if not identity.tagged:
+        headers += [("Tailscale-User-Login", _q_encode(identity.login_name)),
+                    ("Tailscale-User-Name", _q_encode(identity.display_name)),
+                    ("Tailscale-User-Profile-Pic", identity.profile_pic_url),
+                    ("Tailscale-Headers-Info", "https://tailscale.com/s/serve-headers")]
+    if app_capabilities:
+        granted = {cap: identity.peer_caps[cap] for cap in app_capabilities if cap in identity.peer_caps}
+        headers.append(("Tailscale-App-Capabilities", _q_encode(json.dumps(granted, separators=(",", ":")))))
+    return [(name, _header_safe(value)) for name, value in headers]

@@ -1,0 +1,65 @@
+"""Where a service keeps its state and its sockets.
+
+Every service name gets its own directories, so two services can never share a node
+identity (the Go tsnsrv's issue #62). Under systemd the unit's StateDirectory and
+RuntimeDirectory are used; otherwise the XDG base directories of the user, or
+/var/lib and /run for root.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import ServiceConfig
+
+# AF_UNIX socket paths are limited to 107 bytes on Linux.
+MAX_SOCKET_PATH = 107
+
+
+def _first(env_value: str | None) -> Path | None:
+    # systemd joins several directories with ":"; the first is this unit's own.
+    return Path(env_value.split(":")[0]) if env_value else None
+
+
+def state_dir(cfg: ServiceConfig) -> Path:
+    if cfg.state_dir is not None:
+        return cfg.state_dir
+    if systemd_dir := _first(os.environ.get("STATE_DIRECTORY")):
+        return systemd_dir / cfg.name
+    if os.geteuid() == 0:
+        return Path("/var/lib/tsnsrv") / cfg.name
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "tsnsrv" / cfg.name
+
+
+def runtime_base() -> Path:
+    """The directory under which every service of this user has its runtime directory."""
+    if os.geteuid() == 0:
+        return Path("/run/tsnsrv")
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "tsnsrv"
+    return Path(f"/tmp/tsnsrv-{os.geteuid()}")
+
+
+def runtime_dir(cfg: ServiceConfig) -> Path:
+    if systemd_dir := _first(os.environ.get("RUNTIME_DIRECTORY")):
+        return systemd_dir
+    return runtime_base() / cfg.name
+
+
+def control_socket(cfg: ServiceConfig) -> Path:
+    return cfg.control_socket or runtime_dir(cfg) / "control.sock"
+
+
+def control_sockets_on_this_machine() -> list[Path]:
+    """Control sockets of every service `tsnsrv status` can see: ours, root's, and NixOS units'."""
+    patterns = [(runtime_base(), "*/control.sock"), (Path("/run/tsnsrv"), "*/control.sock"),
+                (Path("/run"), "tsnsrv-*/control.sock")]
+    found: set[Path] = set()
+    for base, pattern in patterns:
+        try:
+            found.update(path for path in base.glob(pattern) if path.is_socket())
+        except OSError:
+            continue
+    return sorted(found)

@@ -1,0 +1,125 @@
+"""Accept front-listener connections only from this service's own tailscaled.
+
+Any local process can connect to the loopback front listener and send a PROXY header
+claiming to be a tailnet peer. So for every connection we ask the kernel
+(NETLINK_SOCK_DIAG, the interface `ss` uses) which socket is on the other end, and
+require that it belongs to tailscaled: its uid must be the daemon's uid and, where
+/proc lets us look (same uid or root), the socket must be one of the daemon's
+open file descriptors.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import struct
+
+import attrs
+
+log = logging.getLogger(__name__)
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLMSG_ERROR = 0x2
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+
+NLMSGHDR = struct.Struct("=IHHII")
+# inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid
+# (sport, dport big-endian; src, dst as 16 bytes; interface; cookie[2]).
+REQUEST = struct.Struct("=BBBxI")
+SOCKID = struct.Struct("!HH16s16s")
+SOCKID_TAIL = struct.Struct("=III")
+# inet_diag_msg: family, state, timer, retrans, sockid (48 bytes), expires, rqueue, wqueue, uid, inode
+MSG_UID_INODE = struct.Struct("=II")
+MSG_UID_OFFSET = 4 + 48 + 12
+
+
+class PeerLookupError(Exception):
+    pass
+
+
+@attrs.frozen
+class SocketOwner:
+    uid: int
+    inode: int
+
+
+def _packed(address: str) -> tuple[int, bytes]:
+    ip = ipaddress.ip_address(address)
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    return family, ip.packed.ljust(16, b"\0")
+
+
+def tcp_socket_owner(local: tuple[str, int], remote: tuple[str, int]) -> SocketOwner:
+    """Owner of the TCP socket bound to `local` and connected to `remote` (in this netns)."""
+    family, src = _packed(local[0])
+    _, dst = _packed(remote[0])
+    request = (REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF)
+               + SOCKID.pack(local[1], remote[1], src, dst)
+               + SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+    message = NLMSGHDR.pack(NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + request
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+        nl.sendto(message, (0, 0))
+        reply = nl.recv(8192)
+    length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(reply)
+    if kind == NLMSG_ERROR:
+        errno = -struct.unpack_from("=i", reply, NLMSGHDR.size)[0]
+        raise PeerLookupError(f"no socket {local} -> {remote}: {os.strerror(errno)}")
+    if kind != SOCK_DIAG_BY_FAMILY or length < NLMSGHDR.size + MSG_UID_OFFSET + MSG_UID_INODE.size:
+        raise PeerLookupError(f"unexpected sock_diag reply type {kind}")
+    uid, inode = MSG_UID_INODE.unpack_from(reply, NLMSGHDR.size + MSG_UID_OFFSET)
+    return SocketOwner(uid, inode)
+
+
+class TailscaledPeerCheck:
+    """Decides whether a connection on the front listener comes from our tailscaled."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.uid: int | None = None
+        self._known_inodes: set[int] = set()
+
+    def set_daemon(self, pid: int, uid: int) -> None:
+        if (pid, uid) != (self.pid, self.uid):
+            self.pid, self.uid = pid, uid
+            self._known_inodes.clear()
+            log.info("front listener accepts connections only from tailscaled pid %d (uid %d)%s", pid, uid,
+                     "" if self._can_inspect_fds() else "; its file descriptors are hidden, so checking uid only")
+
+    def _can_inspect_fds(self) -> bool:
+        return self.pid is not None and os.access(f"/proc/{self.pid}/fd", os.R_OK | os.X_OK)
+
+    def refusal(self, sock: socket.socket) -> str | None:
+        """Why this accepted connection must be refused, or None if it comes from tailscaled."""
+        if self.pid is None:
+            return "tailscaled is not known yet"
+        try:
+            owner = tcp_socket_owner(sock.getpeername()[:2], sock.getsockname()[:2])
+        except (OSError, PeerLookupError) as exc:
+            return f"could not identify the connecting process: {exc}"
+        if owner.uid != self.uid:
+            return f"connection from uid {owner.uid}, not tailscaled's uid {self.uid}"
+        if owner.inode in self._known_inodes or not self._can_inspect_fds():
+            return None
+        self._known_inodes = self._daemon_socket_inodes()
+        if owner.inode in self._known_inodes:
+            return None
+        return f"connecting socket (inode {owner.inode}) is not one of tailscaled's (pid {self.pid})"
+
+    def _daemon_socket_inodes(self) -> set[int]:
+        inodes = set()
+        fd_dir = f"/proc/{self.pid}/fd"
+        try:
+            for entry in os.scandir(fd_dir):
+                try:
+                    target = os.readlink(entry.path)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+        except OSError as exc:
+            log.warning("cannot list tailscaled's sockets in %s: %s", fd_dir, exc)
+        return inodes

@@ -1,0 +1,394 @@
+"""Running one service: start-up checks, the node's life, serving, recovery, shutdown.
+
+Start-up order matters for readiness: the front listener is bound first (its port
+goes into the Serve config and the loopback guard's allow-list), then tailscaled runs
+and the node comes up, then the certificate loads, then Serve forwards the port, and
+only then does the front listener accept and systemd hear READY=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import pwd
+import shutil
+import signal
+import stat
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from . import logs, paths
+from .auth import AuthKeyError, find_credential
+from .config import ServiceConfig
+from .confine import Endpoint, resolver_endpoints
+from .control import ControlServer, Health
+from .front import FrontListener
+from .identity import WhoisCache
+from .localapi import LocalAPI, LocalAPIError, TailscaledUnreachable, daemon_credentials
+from .metrics import Metrics
+from .node import Node, NodeError
+from .peercheck import TailscaledPeerCheck
+from .proxy import Proxy
+from .systemd import Notifier
+from .tailscaled import SpawnedTailscaled, StateDirLock, TailscaledStartError
+from .tlscerts import CertificateError, CertificateKeeper, LoadedCertificate, file_loader, localapi_loader
+
+log = logging.getLogger("tsnsrv")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+MAX_BACKOFF = 30.0
+
+
+def _first_untraversable(directory: Path, account: pwd.struct_passwd) -> Path | None:
+    """The first existing directory on the way to `directory` that `account` may not enter."""
+    groups = set(os.getgrouplist(account.pw_name, account.pw_gid))
+    for path in reversed([directory, *directory.parents]):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None  # created by us later, with the right owner
+        if st.st_uid == account.pw_uid:
+            allowed = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            allowed = st.st_mode & stat.S_IXGRP
+        else:
+            allowed = st.st_mode & stat.S_IXOTH
+        if not allowed:
+            return path
+    return None
+
+
+class StartupProblem(Exception):
+    """A configuration that is valid on paper but cannot run here; exit 2 before anything starts."""
+
+
+def run(cfg: ServiceConfig) -> int:
+    logs.setup(cfg.name, cfg.log_level, cfg.access_log)
+    service = Service(cfg)
+    try:
+        return asyncio.run(service.main())
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+class Service:
+    def __init__(self, cfg: ServiceConfig):
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.notifier = Notifier()
+        self.health = Health(
+            name=cfg.name, mode="spawn" if cfg.spawns_tailscaled else "attach", upstream=cfg.to_url,
+            listen_port=cfg.effective_listen_port, funnel=cfg.funnel,
+            tls_mode="plaintext" if cfg.plaintext else ("files" if cfg.certificate_file else "tailscale"))
+        self.peer_check = TailscaledPeerCheck()
+        self.stop_requested = asyncio.Event()
+        self.daemon: SpawnedTailscaled | None = None
+        self.certificates: CertificateKeeper | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # --- start-up checks ---------------------------------------------------------
+
+    def preflight(self) -> tuple[Path | None, Path]:
+        """Everything that can be checked before starting anything; returns (state dir, LocalAPI socket)."""
+        cfg = self.cfg
+        problems = []
+        try:
+            find_credential(cfg)
+        except AuthKeyError as exc:
+            problems.append(f"authKeyPath: {exc}")
+        for key, path in (("certificateFile", cfg.certificate_file), ("certificateKey", cfg.certificate_key),
+                          ("upstreamCaFile", cfg.upstream_ca_file)):
+            if path is not None and not os.access(path, os.R_OK):
+                problems.append(f"{key}: cannot read {path}")
+        if cfg.tailscaled_socket is not None:
+            if problems:
+                raise StartupProblem("\n".join(problems))
+            return None, cfg.tailscaled_socket
+        if shutil.which(cfg.tailscaled_path) is None:
+            problems.append(f'tailscaledPath: "{cfg.tailscaled_path}" is not an executable on $PATH; install '
+                            'tailscale or pass --tailscaled /path/to/tailscaled')
+        if os.geteuid() == 0 and cfg.tailscaled_user is None:
+            problems.append("tailscaledUser: tsnsrv runs as root, and tailscaled would too (as root it rewrites "
+                            "system DNS settings at start); pass --tailscaled-user USER (a dedicated account)")
+        state_dir = paths.state_dir(cfg)
+        if cfg.tailscaled_user is not None:
+            try:
+                account = pwd.getpwnam(cfg.tailscaled_user)
+            except KeyError:
+                problems.append(f'tailscaledUser: no account named "{cfg.tailscaled_user}"')
+            else:
+                blocked = _first_untraversable(state_dir.parent, account)
+                if blocked is not None:
+                    problems.append(f"stateDir: tailscaled runs as {cfg.tailscaled_user}, who cannot enter {blocked} "
+                                    f"on the way to {state_dir}; choose a state directory that user can reach")
+            if os.geteuid() != 0:
+                problems.append("tailscaledUser: only root can start tailscaled as another user")
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not os.access(state_dir, os.W_OK | os.X_OK):
+                raise PermissionError(13, "not writable")
+        except OSError as exc:
+            problems.append(f"stateDir: cannot use {state_dir}: {exc.strerror}")
+        socket_path = paths.runtime_dir(cfg) / "tailscaled.sock"
+        if len(str(socket_path)) > paths.MAX_SOCKET_PATH:
+            problems.append(f"stateDir: the socket path {socket_path} is longer than unix sockets allow")
+        if problems:
+            raise StartupProblem("\n".join(problems))
+        try:
+            StateDirLock(state_dir).acquire()
+        except (TailscaledStartError, OSError) as exc:
+            raise StartupProblem(f"stateDir: {exc}") from None
+        return state_dir, socket_path
+
+    def loopback_allow_list(self, front: list[FrontListener]) -> set[Endpoint]:
+        """Loopback destinations the guarded tailscaled may still connect to."""
+        allowed = {(ipaddress.ip_address(listener.address), listener.port) for listener in front}
+        allowed |= resolver_endpoints()
+        if self.cfg.login_server_url:
+            control = urlsplit(self.cfg.login_server_url)
+            port = control.port or (443 if control.scheme == "https" else 80)
+            hosts = ["127.0.0.1", "::1"] if control.hostname == "localhost" else [control.hostname or ""]
+            for host in hosts:
+                try:
+                    ip = ipaddress.ip_address(host)
+                except ValueError:
+                    continue
+                if ip.is_loopback:
+                    log.warning("the control server is on host loopback (%s:%d): tailnet peers of this service "
+                                "can reach it through the node", ip, port)
+                    allowed.add((ip, port))
+        return allowed
+
+    # --- main --------------------------------------------------------------------
+
+    async def main(self) -> int:
+        cfg = self.cfg
+        try:
+            state_dir, socket_path = self.preflight()
+        except StartupProblem as exc:
+            for line in str(exc).splitlines():
+                log.error("invalid configuration: %s", line)
+            return EXIT_CONFIG
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+
+        self.api = LocalAPI(socket_path)
+        whois = None if cfg.suppress_whois else WhoisCache(self.api.whois, cfg.whois_timeout, self.metrics)
+        self.proxy = Proxy(cfg, whois, self.metrics)
+        self.control = ControlServer(self.health, self.metrics, self._probe_upstream)
+        self.front = self._front_listener(self.proxy.handle)
+        self.forwards = {cfg.effective_listen_port: self.front}
+        if cfg.metrics_addr and cfg.metrics_addr.startswith("tailnet:"):
+            self.forwards[int(cfg.metrics_addr.removeprefix("tailnet:"))] = self._front_listener(
+                self.control.tailnet_metrics, funnel=False)
+        for listener in self.forwards.values():
+            listener.bind()
+        self.health.front = f"{self.front.address}:{self.front.port}"
+        await self.control.start_unix(paths.control_socket(cfg))
+        if cfg.metrics_addr and not cfg.metrics_addr.startswith("tailnet:"):
+            host, _, port = cfg.metrics_addr.rpartition(":")
+            await self.control.start_tcp(host.strip("[]"), int(port))
+
+        if state_dir is not None:
+            self.daemon = SpawnedTailscaled(cfg, state_dir, socket_path,
+                                            self.loopback_allow_list(list(self.forwards.values())))
+            self.daemon.prepare()
+        self.node = Node(cfg, self.api, self._node_state_changed)
+        if self.notifier.watchdog_interval:
+            self._tasks.append(asyncio.create_task(self._watchdog()))
+        lifecycle = asyncio.create_task(self._keep_serving(), name="lifecycle")
+        stop = asyncio.create_task(self.stop_requested.wait())
+        await asyncio.wait({lifecycle, stop}, return_when=asyncio.FIRST_COMPLETED)
+        exit_code = EXIT_OK
+        if lifecycle.done():
+            exit_code = lifecycle.result()
+        else:
+            lifecycle.cancel()
+            await asyncio.gather(lifecycle, return_exceptions=True)
+        stop.cancel()
+        await self.shutdown()
+        return exit_code
+
+    def _front_listener(self, handler: Any, funnel: bool | None = None) -> FrontListener:
+        cfg = self.cfg
+        serves_funnel = cfg.funnel if funnel is None else funnel
+        return FrontListener(cfg.front_address, handler, self.peer_check, self.metrics,
+                             read_header_timeout=cfg.read_header_timeout,
+                             funnel_read_header_timeout=cfg.funnel_read_header_timeout,
+                             accept_tailnet=not cfg.funnel_only, accept_funnel=serves_funnel)
+
+    def _request_stop(self, sig: signal.Signals) -> None:
+        if self.stop_requested.is_set():
+            log.warning("second %s: exiting now", sig.name)
+            os._exit(EXIT_FAILURE)
+        log.info("%s received: finishing in-flight requests (up to %gs), then stopping", sig.name,
+                 self.cfg.shutdown_timeout)
+        self.stop_requested.set()
+
+    def _node_state_changed(self, state: str) -> None:
+        self.health.backend_state = state
+        self.metrics.node_running.set(1 if state == "Running" else 0)
+        self.notifier.status(self.health.summary())
+
+    async def _keep_serving(self) -> int:
+        """Bring everything up; when tailscaled goes away, bring it back. Returns an exit code on fatal errors."""
+        first = True
+        lost_at = 0.0
+        backoff = 1.0
+        while True:
+            try:
+                await self._connect_tailscaled()
+                info = await asyncio.wait_for(self.node.bring_up(), (self.cfg.timeout or None) if first else None)
+                self.health.dns_name, self.health.addresses = info.dns_name, info.addresses
+                if first:
+                    await self._load_certificate()
+                await self.node.apply_serve_config(
+                    {port: f"{self._host_port(listener)}" for port, listener in self.forwards.items()},
+                    self.cfg.effective_listen_port if self.cfg.funnel else None)
+                self.health.serve_config = True
+                if first:
+                    for listener in self.forwards.values():
+                        listener.start()
+                    self.health.accepting = True
+                    first = False
+                    log.info("ready: %s", self.health.summary())
+                    self.notifier.ready(self.health.summary())
+                else:
+                    log.info("recovered %.1fs after losing tailscaled: %s", time.monotonic() - lost_at,
+                             self.health.summary())
+                    self.notifier.status(self.health.summary())
+                backoff = 1.0
+                await self.node.watch()
+            except (NodeError, AuthKeyError, CertificateError) as exc:
+                log.error("%s", exc)
+                return EXIT_CONFIG
+            except TailscaledStartError as exc:
+                log.error("%s", exc)
+                return EXIT_FAILURE
+            except asyncio.TimeoutError:
+                log.error("the node did not come up within %gs (--timeout)", self.cfg.timeout)
+                return EXIT_FAILURE
+            except (TailscaledUnreachable, ConnectionError, LocalAPIError) as exc:
+                if lost_at == 0.0 or self.health.tailscaled == "running":
+                    lost_at = time.monotonic()
+                self.health.serve_config = False
+                self._node_state_changed("Unknown")
+                if isinstance(exc, LocalAPIError):
+                    log.error("tailscaled refused a request, retrying in %.0fs: %s", backoff, exc)
+                else:
+                    self.health.tailscaled = "unreachable"
+                    log.warning("lost contact with tailscaled: %s", exc)
+                await self._restart_or_wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    @staticmethod
+    def _host_port(listener: FrontListener) -> str:
+        host = f"[{listener.address}]" if ":" in listener.address else listener.address
+        return f"{host}:{listener.port}"
+
+    async def _connect_tailscaled(self) -> None:
+        if self.daemon is not None:
+            if self.daemon.process is None or self.daemon.process.returncode is not None:
+                self.health.tailscaled = "starting"
+                await self.daemon.start()
+            pid, uid = self.daemon.pid, self.daemon.uid
+            self.health.confined = "seccomp" if self.daemon.confined else "none"
+        else:
+            await self.api.status()  # raises TailscaledUnreachable until it answers
+            pid, uid = daemon_credentials(self.api.socket_path)
+            self.health.confined = "external (systemd IPAddressDeny)"
+        assert pid is not None
+        self.peer_check.set_daemon(pid, uid)
+        self.health.tailscaled, self.health.tailscaled_pid = "running", pid
+
+    async def _restart_or_wait(self, backoff: float) -> None:
+        daemon = self.daemon
+        if daemon is not None and daemon.process is not None and daemon.process.returncode is None:
+            try:
+                await asyncio.wait_for(daemon.wait_exit(), backoff)
+            except asyncio.TimeoutError:
+                return  # still alive: just reconnect
+        if daemon is not None and daemon.process is not None:
+            code = daemon.process.returncode
+            self.health.tailscaled = "restarting"
+            self.health.tailscaled_restarts += 1
+            self.metrics.tailscaled_restarts.inc()
+            log.warning("tailscaled exited (status %s); restarting it in %.0fs", code, backoff)
+        await asyncio.sleep(backoff)
+
+    async def _load_certificate(self) -> None:
+        cfg = self.cfg
+        if cfg.plaintext:
+            return
+        if cfg.certificate_file is not None and cfg.certificate_key is not None:
+            loader = file_loader(cfg.certificate_file, cfg.certificate_key)
+            interval = 300.0
+        else:
+            info = self.node.info
+            assert info is not None
+            if not info.dns_name or info.dns_name not in info.cert_domains:
+                raise CertificateError(
+                    f"TLS: the control server offers no HTTPS certificate for {info.dns_name or 'this node'} "
+                    "(headscale cannot issue them; on Tailscale enable HTTPS in the admin console). "
+                    "Use --plaintext, or --cert-file/--key-file with your own certificate.")
+            loader = localapi_loader(self.api.cert_pair, lambda: self.node.info.dns_name)  # type: ignore[union-attr]
+            interval = 3600.0
+        self.certificates = CertificateKeeper(loader, self._certificate_changed)
+        await self.certificates.refresh()
+        self._tasks.append(asyncio.create_task(self.certificates.run(interval)))
+
+    def _certificate_changed(self, loaded: LoadedCertificate) -> None:
+        for listener in self.forwards.values():
+            if listener is self.front:
+                listener.tls_context = loaded.context
+        self.health.certificate_not_after = loaded.not_after
+        self.health.certificate_source = loaded.source
+        self.metrics.certificate_expiry.set(loaded.not_after.timestamp())
+
+    async def _probe_upstream(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            async with self.proxy.session.head(self.cfg.to_url, allow_redirects=False,
+                                               timeout=aiohttp.ClientTimeout(total=3)) as resp:
+                return {"answers": True, "status": resp.status,
+                        "latencyMs": round((time.perf_counter() - started) * 1000, 1)}
+        except Exception as exc:  # noqa: BLE001 - the probe reports any failure
+            return {"answers": False, "error": str(exc) or type(exc).__name__}
+
+    async def _watchdog(self) -> None:
+        assert self.notifier.watchdog_interval is not None
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(self.notifier.watchdog_interval)
+
+    async def shutdown(self) -> None:
+        self.health.stopping = True
+        self.notifier.stopping("stopping: finishing in-flight requests")
+        for listener in self.forwards.values():
+            await listener.stop_accepting()
+        self.health.accepting = False
+        await self.proxy.close_websockets()
+        await asyncio.gather(*(listener.web_server.shutdown(self.cfg.shutdown_timeout)
+                               for listener in self.forwards.values()))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.cfg.ephemeral and self.health.backend_state == "Running":
+            try:
+                await self.node.logout()  # an ephemeral node leaves now, freeing its name
+            except (TailscaledUnreachable, LocalAPIError) as exc:
+                log.warning("could not log the ephemeral node out: %s", exc)
+        if self.daemon is not None:
+            await self.daemon.stop()
+        self.health.tailscaled = "stopped"
+        await self.proxy.close()
+        await self.api.close()
+        await self.control.close()
+        log.info("stopped")

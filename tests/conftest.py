@@ -1,0 +1,153 @@
+"""Fixtures shared by every suite: a real offline tailnet on this machine.
+
+Session-wide: the pinned binaries, a headscale control server, a client device
+(alice's laptop: a kernel-TUN tailscaled in its own network namespace) and an
+upstream web service. Per test: `tsnsrv` services started as a user would start them.
+When a test fails, the logs of every process it started are attached to its report.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.headscale import ALLOW_ALL_POLICY, Headscale
+from harness.processes import STARTED
+from harness.tailnet import ClientDevice, NetworkNamespace, TailscaleNode
+from harness.tsnsrv import TAILSCALED_TEST_USER, Tsnsrv
+from harness.upstream import Upstream
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when in ("setup", "call"):
+        first = getattr(item, "_first_process", 0)
+        shown = STARTED[first:] or STARTED[-3:]
+        for process in shown:
+            report.sections.append((f"log of {process.name} ({process.log_path})", process.log_tail(80)))
+
+
+@pytest.fixture(autouse=True)
+def _note_processes(request: pytest.FixtureRequest) -> None:
+    request.node._first_process = len(STARTED)
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def bin_dir() -> Path:
+    result = subprocess.run([str(REPO / "scripts" / "tailnet-binaries")], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"could not build the tailnet binaries:\n{result.stderr}")
+    return Path(result.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def tailscaled_user() -> str | None:
+    """Root runs tsnsrv with --tailscaled-user; make sure that account exists."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(TAILSCALED_TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        TAILSCALED_TEST_USER], check=True)
+    return TAILSCALED_TEST_USER
+
+
+@pytest.fixture(scope="session")
+def netns() -> Iterator[NetworkNamespace]:
+    if os.geteuid() != 0:
+        pytest.fail("the end-to-end suites need root (network namespaces, a kernel TUN client device)")
+    block = os.getpid() % 250 + 1
+    namespace = NetworkNamespace(f"tsn{os.getpid()}", f"198.18.{block}.1", f"198.18.{block}.2").create()
+    yield namespace
+    namespace.destroy()
+
+
+@pytest.fixture(scope="session")
+def headscale(bin_dir: Path, netns: NetworkNamespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Headscale]:
+    server = Headscale(bin_dir / "headscale", tmp_path_factory.mktemp("headscale"), netns.host_ip,
+                       free_port(netns.host_ip), free_port(netns.host_ip, socket.SOCK_DGRAM))
+    server.write_config(ALLOW_ALL_POLICY)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def laptop(bin_dir: Path, netns: NetworkNamespace, headscale: Headscale,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientDevice]:
+    """Alice's laptop: what tests use to reach services over the tailnet."""
+    node = TailscaleNode("laptop", bin_dir, tmp_path_factory.mktemp("laptop"), netns).start()
+    node.up(headscale.url, headscale.auth_key("alice"))
+    yield ClientDevice(node)
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    server = Upstream(unix_socket=tmp_path_factory.mktemp("upstream") / "upstream.sock").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def service_root(tailscaled_user: str | None) -> Path:
+    """Where services keep state: pytest's own temp tree is private to root, and the
+    tailscaled of a service runs as the unprivileged test user."""
+    root = Path(tempfile.mkdtemp(prefix="tsnsrv-e2e-", dir="/var/tmp"))
+    root.chmod(0o711)
+    return root
+
+
+@pytest.fixture
+def service_dir(service_root: Path, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory for one service of this test."""
+    path = Path(tempfile.mkdtemp(prefix=f"{request.node.name[:40]}-", dir=service_root))
+    path.chmod(0o711)
+    return path
+
+
+@pytest.fixture
+def make_tsnsrv(bin_dir: Path, headscale: Headscale, tailscaled_user: str | None, service_root: Path) -> Iterator:
+    """Start `tsnsrv` services: make_tsnsrv("name", upstream_url, *flags, auth_key=..., start=True)."""
+    started: list[Tsnsrv] = []
+
+    def make(name: str, upstream_url: str, *flags: str, auth_key: str | None = "alice", start: bool = True,
+             workdir: Path | None = None, plaintext: bool = True, env: dict[str, str] | None = None) -> Tsnsrv:
+        key = headscale.auth_key(auth_key) if auth_key in ("alice", "bob") else auth_key
+        if workdir is None:
+            workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=service_root))
+            workdir.chmod(0o711)
+        service = Tsnsrv(name, upstream_url, workdir, bin_dir, headscale, key, list(flags), env=env,
+                         plaintext=plaintext)
+        started.append(service)
+        if start:
+            service.start()
+        return service
+
+    yield make
+    for service in started:
+        service.stop()

@@ -1,0 +1,1 @@
+"""A real Tailscale network on one machine, offline, for tests and benchmarks."""
