@@ -20,7 +20,7 @@ import pytest
 
 from harness.headscale import ALLOW_ALL_POLICY, Headscale
 from harness.processes import STARTED
-from harness.tailnet import ClientDevice, NetworkNamespace, TailscaleNode
+from harness.tailnet import ClientDevice, NetworkNamespace, SocksClient, TailscaleNode
 from harness.tsnsrv import TAILSCALED_TEST_USER, Tsnsrv
 from harness.upstream import Upstream
 
@@ -106,6 +106,28 @@ def laptop(bin_dir: Path, netns: NetworkNamespace, headscale: Headscale,
     node.stop()
 
 
+def _socks_client(name: str, bin_dir: Path, headscale: Headscale, workdir: Path, auth_key: str) -> TailscaleNode:
+    node = TailscaleNode(name, bin_dir, workdir, socks5_port=free_port()).start()
+    return node.up(headscale.url, auth_key)
+
+
+@pytest.fixture(scope="session")
+def bob_phone(bin_dir: Path, headscale: Headscale, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SocksClient]:
+    """Bob's phone: a second user's device (through its tailscaled's SOCKS5 proxy)."""
+    node = _socks_client("phone", bin_dir, headscale, tmp_path_factory.mktemp("phone"), headscale.auth_key("bob"))
+    yield SocksClient(node)
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def ci_runner(bin_dir: Path, headscale: Headscale, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SocksClient]:
+    """A tagged machine (tag:ci) that belongs to no user."""
+    key = headscale.auth_key(tags=["tag:ci"])
+    node = _socks_client("ci-runner", bin_dir, headscale, tmp_path_factory.mktemp("ci"), key)
+    yield SocksClient(node)
+    node.stop()
+
+
 @pytest.fixture(scope="session")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     server = Upstream(unix_socket=tmp_path_factory.mktemp("upstream") / "upstream.sock").start()
@@ -130,24 +152,49 @@ def service_dir(service_root: Path, request: pytest.FixtureRequest) -> Path:
     return path
 
 
-@pytest.fixture
-def make_tsnsrv(bin_dir: Path, headscale: Headscale, tailscaled_user: str | None, service_root: Path) -> Iterator:
-    """Start `tsnsrv` services: make_tsnsrv("name", upstream_url, *flags, auth_key=..., start=True)."""
-    started: list[Tsnsrv] = []
+class TsnsrvFactory:
+    """Starts `tsnsrv` services: factory("name", upstream_url, *flags, auth_key=..., start=True)."""
 
-    def make(name: str, upstream_url: str, *flags: str, auth_key: str | None = "alice", start: bool = True,
-             workdir: Path | None = None, plaintext: bool = True, env: dict[str, str] | None = None) -> Tsnsrv:
-        key = headscale.auth_key(auth_key) if auth_key in ("alice", "bob") else auth_key
+    def __init__(self, bin_dir: Path, headscale: Headscale, service_root: Path):
+        self.bin_dir, self.headscale, self.service_root = bin_dir, headscale, service_root
+        self.started: list[Tsnsrv] = []
+
+    def __call__(self, name: str, upstream_url: str, *flags: str, auth_key: str | None = "alice", start: bool = True,
+                 workdir: Path | None = None, plaintext: bool = True, env: dict[str, str] | None = None) -> Tsnsrv:
+        key = self.headscale.auth_key(auth_key) if auth_key in ("alice", "bob") else auth_key
         if workdir is None:
-            workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=service_root))
+            workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.service_root))
             workdir.chmod(0o711)
-        service = Tsnsrv(name, upstream_url, workdir, bin_dir, headscale, key, list(flags), env=env,
+        service = Tsnsrv(name, upstream_url, workdir, self.bin_dir, self.headscale, key, list(flags), env=env,
                          plaintext=plaintext)
-        started.append(service)
+        self.started.append(service)
         if start:
             service.start()
         return service
 
-    yield make
-    for service in started:
-        service.stop()
+    def stop_all(self) -> None:
+        for service in self.started:
+            service.stop()
+
+
+@pytest.fixture(scope="session")
+def clients(laptop: ClientDevice, bob_phone: SocksClient, ci_runner: SocksClient) -> None:
+    """Every client device is on the tailnet before any service starts, so that a
+    service counts as started only once all of them can reach it."""
+
+
+@pytest.fixture
+def make_tsnsrv(bin_dir: Path, headscale: Headscale, tailscaled_user: str | None, service_root: Path,
+                clients: None) -> Iterator[TsnsrvFactory]:
+    factory = TsnsrvFactory(bin_dir, headscale, service_root)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_tsnsrv(bin_dir: Path, headscale: Headscale, tailscaled_user: str | None, service_root: Path,
+                  clients: None) -> Iterator[TsnsrvFactory]:
+    """Like make_tsnsrv, for services that every test of a module shares."""
+    factory = TsnsrvFactory(bin_dir, headscale, service_root)
+    yield factory
+    factory.stop_all()

@@ -16,7 +16,11 @@ from typing import Any
 
 from .processes import ManagedProcess, wait_for
 
-ALLOW_ALL_POLICY: dict[str, Any] = {"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}
+# Everyone reaches everything; alice may hand out the tags the tests use.
+ALLOW_ALL_POLICY: dict[str, Any] = {
+    "tagOwners": {"tag:ci": ["alice@"], "tag:server": ["alice@"], "tag:family": ["alice@"]},
+    "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+}
 
 
 class Headscale:
@@ -56,7 +60,9 @@ class Headscale:
                 private_key_path: {d}/derp_server_private.key
                 automatically_add_embedded_derp_region: true
                 ipv4: {self.listen_ip}
-                ipv6: ""
+                # "none", not "": with an empty address netcheck still plans IPv6 STUN
+                # probes on hosts with IPv6 and waits 3 s for them before going Running.
+                ipv6: none
               urls: []
               paths: []
               auto_update_enabled: false

@@ -33,6 +33,10 @@ def offline_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **OFFLINE_ENV, **extra}
 
 
+# Client nodes that are up; a new service is usable once all of them know it.
+CLIENTS: list[TailscaleNode] = []
+
+
 class NetworkNamespace:
     """A network namespace joined to the host by a veth pair with 198.18.0.0/15 addresses."""
 
@@ -76,17 +80,25 @@ def _ip(*args: str) -> None:
 
 
 class TailscaleNode:
-    """One tailscaled plus the `tailscale` CLI pointed at it."""
+    """One tailscaled plus the `tailscale` CLI pointed at it.
 
-    def __init__(self, name: str, bin_dir: Path, workdir: Path, netns: NetworkNamespace | None = None):
+    In a network namespace it uses a kernel TUN device; on the host it runs in userspace
+    mode, and `socks5_port` makes it a SOCKS5 proxy into the tailnet for clients there.
+    """
+
+    def __init__(self, name: str, bin_dir: Path, workdir: Path, netns: NetworkNamespace | None = None,
+                 socks5_port: int | None = None):
         self.name = name
         self.bin_dir = bin_dir
         self.dir = workdir
         self.netns = netns
+        self.socks5_port = socks5_port
         self.socket = workdir / "tailscaled.sock"
         tun = "tailscale0" if netns else "userspace-networking"
         argv = [str(bin_dir / "tailscaled"), f"--tun={tun}", f"--statedir={workdir}", f"--socket={self.socket}",
                 "--port=0", "--no-logs-no-support"]
+        if socks5_port is not None:
+            argv.append(f"--socks5-server=127.0.0.1:{socks5_port}")
         if netns is not None:
             argv = netns.command(argv)
         self.process = ManagedProcess(f"tailscaled-{name}", argv, workdir / "tailscaled.log",
@@ -117,16 +129,27 @@ class TailscaleNode:
         self.cli("up", f"--login-server={login_server}", f"--auth-key={auth_key}", f"--hostname={self.name}",
                  "--accept-dns=false", "--timeout=60s", *(["--netfilter-mode=off"] if self.netns else []), *extra)
         wait_for(lambda: self.status()["BackendState"] == "Running", 30, f"{self.name} Running")
+        CLIENTS.append(self)
         return self
 
     def status(self) -> dict[str, Any]:
         return json.loads(self.cli("status", "--json"))
+
+    def sees_online(self, address: str) -> bool:
+        peers = (self.status().get("Peer") or {}).values()
+        return any(address in (peer.get("TailscaleIPs") or ()) and peer.get("Online") for peer in peers)
+
+    def wait_for_peer(self, address: str, timeout: float = 30) -> None:
+        """Until this node sees the peer online: before that it has no route to it."""
+        wait_for(lambda: self.sees_online(address), timeout, f"{self.name} to see {address} online")
 
     @property
     def ipv4(self) -> str:
         return next(ip for ip in self.status()["Self"]["TailscaleIPs"] if ":" not in ip)
 
     def stop(self) -> None:
+        if self in CLIENTS:
+            CLIENTS.remove(self)
         self.process.stop()
 
 
@@ -153,3 +176,20 @@ class ClientDevice:
     def curl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return self.run(["curl", "--silent", "--show-error", "--max-time", str(timeout), *args],
                         timeout=timeout + 10)
+
+
+class SocksClient:
+    """A client on the tailnet through a userspace tailscaled's SOCKS5 proxy.
+
+    Cheaper than a network namespace, and what the harness offers where root is not
+    available; `curl` has the same interface as ClientDevice.curl.
+    """
+
+    def __init__(self, node: TailscaleNode):
+        assert node.socks5_port is not None
+        self.node = node
+
+    def curl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["curl", "--silent", "--show-error", "--max-time", str(timeout),
+                               "--socks5-hostname", f"127.0.0.1:{self.node.socks5_port}", *args],
+                              capture_output=True, timeout=timeout + 10)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .headscale import Headscale
 from .processes import ManagedProcess, wait_for
-from .tailnet import offline_env
+from .tailnet import CLIENTS, offline_env
 
 TAILSCALED_TEST_USER = "tsnsrv-test"
 
@@ -76,6 +76,8 @@ class Tsnsrv:
         self.process.start()
         if wait:
             self.wait_ready(timeout)
+            for client in CLIENTS:
+                client.wait_for_peer(self.ip)
         return self
 
     def wait_ready(self, timeout: float = 60) -> dict[str, Any]:

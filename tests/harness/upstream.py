@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import ssl
 import threading
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,9 @@ def pattern_sha256(size: int) -> str:
 
 
 class Upstream:
-    def __init__(self, unix_socket: Path | None = None):
+    def __init__(self, unix_socket: Path | None = None, ssl_context: ssl.SSLContext | None = None):
         self.unix_socket = unix_socket
+        self.ssl_context = ssl_context
         self.requests: list[dict[str, Any]] = []
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -51,7 +53,7 @@ class Upstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> Upstream:
         self._thread = threading.Thread(target=self._run, name="test-upstream", daemon=True)
@@ -89,15 +91,17 @@ class Upstream:
         app.router.add_route("*", "/{tail:.*}", self._echo)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         if self.unix_socket is not None:
             await web.UnixSite(self._runner, str(self.unix_socket)).start()
 
     def _record(self, request: web.Request, **extra: Any) -> dict[str, Any]:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         entry = {"method": request.method, "path": request.path, "raw_path": request.raw_path,
                  "query": request.query_string, "headers": list(request.headers.items()),
+                 "peer_port": peer[1] if isinstance(peer, tuple) else None,
                  "version": f"{request.version.major}.{request.version.minor}", **extra}
         self.requests.append(entry)
         return entry
@@ -120,7 +124,7 @@ class Upstream:
         if not request.query.get("chunked"):
             response.content_length = size
         await response.prepare(request)
-        sent = 0
+        sent = size if request.method == "HEAD" else 0
         while sent < size:
             block = PATTERN[:min(len(PATTERN), size - sent)]
             await response.write(block)
