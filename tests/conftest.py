@@ -86,13 +86,28 @@ def netns() -> Iterator[NetworkNamespace]:
     namespace.destroy()
 
 
+def start_headscale(bin_dir: Path, host_ip: str, workdir: Path) -> Headscale:
+    server = Headscale(bin_dir / "headscale", workdir, host_ip, free_port(host_ip),
+                       free_port(host_ip, socket.SOCK_DGRAM))
+    server.write_config(ALLOW_ALL_POLICY)
+    return server.start()
+
+
 @pytest.fixture(scope="session")
 def headscale(bin_dir: Path, netns: NetworkNamespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Headscale]:
-    server = Headscale(bin_dir / "headscale", tmp_path_factory.mktemp("headscale"), netns.host_ip,
-                       free_port(netns.host_ip), free_port(netns.host_ip, socket.SOCK_DGRAM))
-    server.write_config(ALLOW_ALL_POLICY)
-    server.start()
+    server = start_headscale(bin_dir, netns.host_ip, tmp_path_factory.mktemp("headscale"))
     yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_tailnet(bin_dir: Path, netns: NetworkNamespace, tmp_path_factory: pytest.TempPathFactory,
+                    service_root: Path, tailscaled_user: str | None) -> Iterator[TsnsrvFactory]:
+    """A second headscale, for tests that would disturb the shared one, with a factory for its services."""
+    server = start_headscale(bin_dir, netns.host_ip, tmp_path_factory.mktemp("private-headscale"))
+    factory = TsnsrvFactory(bin_dir, server, service_root, clients=[])
+    yield factory
+    factory.stop_all()
     server.stop()
 
 
@@ -155,8 +170,9 @@ def service_dir(service_root: Path, request: pytest.FixtureRequest) -> Path:
 class TsnsrvFactory:
     """Starts `tsnsrv` services: factory("name", upstream_url, *flags, auth_key=..., start=True)."""
 
-    def __init__(self, bin_dir: Path, headscale: Headscale, service_root: Path):
+    def __init__(self, bin_dir: Path, headscale: Headscale, service_root: Path, clients: list[TailscaleNode]):
         self.bin_dir, self.headscale, self.service_root = bin_dir, headscale, service_root
+        self.clients = clients
         self.started: list[Tsnsrv] = []
 
     def __call__(self, name: str, upstream_url: str, *flags: str, auth_key: str | None = "alice", start: bool = True,
@@ -169,7 +185,7 @@ class TsnsrvFactory:
                          plaintext=plaintext)
         self.started.append(service)
         if start:
-            service.start()
+            service.start(clients=self.clients)
         return service
 
     def stop_all(self) -> None:
@@ -178,23 +194,24 @@ class TsnsrvFactory:
 
 
 @pytest.fixture(scope="session")
-def clients(laptop: ClientDevice, bob_phone: SocksClient, ci_runner: SocksClient) -> None:
+def clients(laptop: ClientDevice, bob_phone: SocksClient, ci_runner: SocksClient) -> list[TailscaleNode]:
     """Every client device is on the tailnet before any service starts, so that a
     service counts as started only once all of them can reach it."""
+    return [laptop.node, bob_phone.node, ci_runner.node]
 
 
 @pytest.fixture
 def make_tsnsrv(bin_dir: Path, headscale: Headscale, tailscaled_user: str | None, service_root: Path,
-                clients: None) -> Iterator[TsnsrvFactory]:
-    factory = TsnsrvFactory(bin_dir, headscale, service_root)
+                clients: list[TailscaleNode]) -> Iterator[TsnsrvFactory]:
+    factory = TsnsrvFactory(bin_dir, headscale, service_root, clients)
     yield factory
     factory.stop_all()
 
 
 @pytest.fixture(scope="module")
 def module_tsnsrv(bin_dir: Path, headscale: Headscale, tailscaled_user: str | None, service_root: Path,
-                  clients: None) -> Iterator[TsnsrvFactory]:
+                  clients: list[TailscaleNode]) -> Iterator[TsnsrvFactory]:
     """Like make_tsnsrv, for services that every test of a module shares."""
-    factory = TsnsrvFactory(bin_dir, headscale, service_root)
+    factory = TsnsrvFactory(bin_dir, headscale, service_root, clients)
     yield factory
     factory.stop_all()

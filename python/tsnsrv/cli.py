@@ -109,10 +109,14 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def fail_config(problems: list[str]) -> NoReturn:
-    print("tsnsrv: invalid configuration:", file=sys.stderr)
+def print_problems(headline: str, problems: list[str]) -> None:
+    print(f"tsnsrv: {headline}:", file=sys.stderr)
     for problem in problems:
         print(f"  - {problem}", file=sys.stderr)
+
+
+def fail_config(problems: list[str]) -> NoReturn:
+    print_problems("invalid configuration", problems)
     sys.exit(EXIT_CONFIG)
 
 

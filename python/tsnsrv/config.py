@@ -65,6 +65,11 @@ def cli_flag(field: attrs.Attribute) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
+def option_name(key: str) -> str:
+    """An option in both spellings, for messages that cannot know which one the user wrote."""
+    return f"{cli_flag(FIELDS[key])} ({key})"
+
+
 @attrs.frozen
 class AccessRule:
     """Allow or deny requests under a path prefix to identities matching any selector.
@@ -126,7 +131,8 @@ class ServiceConfig:
                                         help="File holding an auth key or OAuth client secret (tskey-client-...). "
                                              "Default: $TS_AUTHKEY, then $CREDENTIALS_DIRECTORY/authKey.")
     tags: list[str] = option(factory=list, flag="--tag", metavar="TAG",
-                             help="ACL tag to advertise (tag:NAME), repeatable. Required with OAuth secrets.")
+                             help="ACL tag (tag:NAME), repeatable: put on keys minted from an OAuth secret (which "
+                                  "requires tags) and requested at interactive login. An auth key brings its own.")
     ephemeral: bool = option(False, help="Register an ephemeral node, removed when it goes offline or stops.")
     state_dir: Path | None = option(None, metavar="DIR",
                                     help="Directory for this service's node state and certificates. Default: "

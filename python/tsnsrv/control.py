@@ -38,6 +38,7 @@ class Health:
     backend_state: str = "Unknown"
     dns_name: str = ""
     addresses: tuple[str, ...] = ()
+    warnings: dict[str, str] = attrs.field(factory=dict)
     serve_config: bool = False
     front: str = ""
     accepting: bool = False
@@ -81,7 +82,7 @@ class Health:
             "tailscaled": {"mode": self.mode, "state": self.tailscaled, "pid": self.tailscaled_pid,
                            "restarts": self.tailscaled_restarts, "loopbackGuard": self.confined},
             "node": {"state": self.backend_state, "dnsName": self.dns_name, "addresses": list(self.addresses),
-                     "url": self.url},
+                     "url": self.url, "warnings": self.warnings},
             "serve": {"configured": self.serve_config, "port": self.listen_port, "funnel": self.funnel,
                       "front": self.front, "accepting": self.accepting},
             "tls": {"mode": self.tls_mode, "source": self.certificate_source,

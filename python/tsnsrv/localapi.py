@@ -22,6 +22,7 @@ BASE = "http://local-tailscaled.sock/localapi/v0/"
 NOTIFY_INITIAL_STATE = 1 << 1
 NOTIFY_INITIAL_PREFS = 1 << 2
 NOTIFY_INITIAL_NETMAP = 1 << 3
+NOTIFY_INITIAL_HEALTH = 1 << 7
 NOTIFY_RATE_LIMIT = 1 << 8
 
 

@@ -20,7 +20,7 @@ import attrs
 
 from .auth import auth_key_for_login
 from .config import ServiceConfig
-from .localapi import NOTIFY_INITIAL_STATE, LocalAPI
+from .localapi import NOTIFY_INITIAL_HEALTH, NOTIFY_INITIAL_STATE, LocalAPI
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,17 @@ class NodeInfo:
         return set()
 
 
-def desired_prefs(cfg: ServiceConfig) -> dict[str, Any]:
-    """Everything a service node wants; `start` replaces the stored prefs with exactly these."""
+def desired_prefs(cfg: ServiceConfig, with_auth_key: bool) -> dict[str, Any]:
+    """Everything a service node wants; `start` replaces the stored prefs with exactly these.
+
+    Tags are requested only by an interactive login: a node that logs in with an auth key
+    gets the key's tags (headscale refuses requested tags then, and a key minted from an
+    OAuth secret carries the configured tags already), like the Go tsnsrv.
+    """
     return {
         "ControlURL": cfg.login_server_url or DEFAULT_CONTROL_URL,
         "Hostname": cfg.name,
-        "AdvertiseTags": list(cfg.tags) or None,
+        "AdvertiseTags": None if with_auth_key else (list(cfg.tags) or None),
         "WantRunning": True,
         "LoggedOut": False,
         "CorpDNS": False,   # the proxy resolves nothing through the tailnet
@@ -83,7 +88,7 @@ def prefs_drift(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, An
     """A MaskedPrefs edit for whatever differs (hostname, tags, wanting to run, ...)."""
     edit: dict[str, Any] = {}
     for key, value in wanted.items():
-        if key in ("ControlURL", "LoggedOut"):
+        if key in ("ControlURL", "LoggedOut", "AdvertiseTags"):
             continue  # changing these takes a new login, not an edit
         if (current.get(key) or None) != (value or None):
             edit[key] = value
@@ -101,12 +106,15 @@ def _banner(url: str, name: str) -> None:
 
 
 class Node:
-    def __init__(self, cfg: ServiceConfig, api: LocalAPI, on_state: Callable[[str], None]):
+    def __init__(self, cfg: ServiceConfig, api: LocalAPI, on_state: Callable[[str], None],
+                 on_warnings: Callable[[dict[str, str]], None]):
         self.cfg = cfg
         self.api = api
         self._on_state = on_state
+        self._on_warnings = on_warnings
         self.backend_state = "Unknown"
         self.info: NodeInfo | None = None
+        self.health_warnings: dict[str, str] = {}  # tailscaled's unhealthy parts, by code
         self._printed_url = ""
 
     def _state_changed(self, state: str) -> None:
@@ -148,7 +156,7 @@ class Node:
         """Log in, or edit prefs so the node runs as configured; True if a login was started."""
         status = await self.api.status()
         prefs = await self.api.prefs()
-        wanted = desired_prefs(self.cfg)
+        wanted = desired_prefs(self.cfg, with_auth_key=False)
         control_changed = (prefs.get("ControlURL") or DEFAULT_CONTROL_URL) != wanted["ControlURL"]
         have_node_key = bool(status.get("HaveNodeKey")) and not control_changed
         # A node that has a key logs itself back in; restarting it with `start` now would
@@ -166,7 +174,7 @@ class Node:
         key = await auth_key_for_login(self.cfg)
         log.info("logging in to %s %s", self.cfg.login_server_url or DEFAULT_CONTROL_URL,
                  "with an auth key" if key else "interactively")
-        await self.api.start(desired_prefs(self.cfg), key)
+        await self.api.start(desired_prefs(self.cfg, with_auth_key=key is not None), key)
         # As `tailscale up`: a node without a node key logs in only when asked to,
         # with the auth key given to start or else in the browser.
         if key is None or not have_node_key:
@@ -192,14 +200,29 @@ class Node:
             log.info("serve config set: %s", json.dumps(config, sort_keys=True))
 
     async def watch(self) -> None:
-        """Follow the node's state until tailscaled goes away (then raises TailscaledUnreachable)."""
-        async for note in self.api.watch_ipn_bus(NOTIFY_INITIAL_STATE):
+        """Follow the node's state and health until tailscaled goes away (then raises)."""
+        async for note in self.api.watch_ipn_bus(NOTIFY_INITIAL_STATE | NOTIFY_INITIAL_HEALTH):
             if (state := note.get("State")) is not None:
                 self._state_changed(_state_name(state))
             if (url := note.get("BrowseToURL")) and url != self._printed_url:
                 self._printed_url = url
                 _banner(url, self.cfg.name)
+            if (health := note.get("Health")) is not None:
+                self._health_changed(health.get("Warnings") or {})
         raise ConnectionError("tailscaled closed the IPN bus")
+
+    def _health_changed(self, warnings: dict[str, Any]) -> None:
+        """Log what became unhealthy (control server unreachable, no DERP, ...) and what recovered."""
+        current = {code: (w.get("Text") or w.get("Title") or code).strip() for code, w in warnings.items()
+                   if w.get("Severity") != "low"}
+        for code, text in current.items():
+            if code not in self.health_warnings:
+                log.warning("tailnet health: %s (%s)", text, code)
+        for code in self.health_warnings.keys() - current.keys():
+            log.info("tailnet health: %s recovered", code)
+        if current != self.health_warnings:
+            self.health_warnings = current
+            self._on_warnings(current)
 
     async def logout(self) -> None:
         await self.api.logout()

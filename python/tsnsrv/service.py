@@ -24,8 +24,9 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from . import logs, paths
+from .cli import print_problems
 from .auth import AuthKeyError, find_credential
-from .config import ServiceConfig
+from .config import ServiceConfig, option_name
 from .confine import Endpoint, resolver_endpoints
 from .control import ControlServer, Health
 from .front import FrontListener
@@ -101,49 +102,54 @@ class Service:
         try:
             find_credential(cfg)
         except AuthKeyError as exc:
-            problems.append(f"authKeyPath: {exc}")
+            problems.append(f"{option_name('authKeyPath')}: {exc}")
         for key, path in (("certificateFile", cfg.certificate_file), ("certificateKey", cfg.certificate_key),
                           ("upstreamCaFile", cfg.upstream_ca_file)):
             if path is not None and not os.access(path, os.R_OK):
-                problems.append(f"{key}: cannot read {path}")
+                problems.append(f"{option_name(key)}: cannot read {path}")
         if cfg.tailscaled_socket is not None:
             if problems:
                 raise StartupProblem("\n".join(problems))
             return None, cfg.tailscaled_socket
         if shutil.which(cfg.tailscaled_path) is None:
-            problems.append(f'tailscaledPath: "{cfg.tailscaled_path}" is not an executable on $PATH; install '
-                            'tailscale or pass --tailscaled /path/to/tailscaled')
+            problems.append(f'{option_name("tailscaledPath")}: "{cfg.tailscaled_path}" is not an executable on '
+                            '$PATH; install tailscale or pass --tailscaled /path/to/tailscaled')
         if os.geteuid() == 0 and cfg.tailscaled_user is None:
-            problems.append("tailscaledUser: tsnsrv runs as root, and tailscaled would too (as root it rewrites "
-                            "system DNS settings at start); pass --tailscaled-user USER (a dedicated account)")
+            problems.append(f"{option_name('tailscaledUser')}: tsnsrv runs as root, and tailscaled would too (as root "
+                            "it rewrites system DNS settings at start); pass --tailscaled-user USER (a dedicated "
+                            "account)")
         state_dir = paths.state_dir(cfg)
         if cfg.tailscaled_user is not None:
             try:
                 account = pwd.getpwnam(cfg.tailscaled_user)
             except KeyError:
-                problems.append(f'tailscaledUser: no account named "{cfg.tailscaled_user}"')
+                problems.append(f'{option_name("tailscaledUser")}: no account named "{cfg.tailscaled_user}"')
             else:
                 blocked = _first_untraversable(state_dir.parent, account)
                 if blocked is not None:
-                    problems.append(f"stateDir: tailscaled runs as {cfg.tailscaled_user}, who cannot enter {blocked} "
-                                    f"on the way to {state_dir}; choose a state directory that user can reach")
+                    problems.append(f"{option_name('stateDir')}: tailscaled runs as {cfg.tailscaled_user}, who cannot "
+                                    f"enter {blocked} on the way to {state_dir}; choose a directory that user can "
+                                    "reach")
             if os.geteuid() != 0:
-                problems.append("tailscaledUser: only root can start tailscaled as another user")
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if not os.access(state_dir, os.W_OK | os.X_OK):
-                raise PermissionError(13, "not writable")
-        except OSError as exc:
-            problems.append(f"stateDir: cannot use {state_dir}: {exc.strerror}")
+                problems.append(f"{option_name('tailscaledUser')}: only root can start tailscaled as another user")
+        existing = next(path for path in [state_dir, *state_dir.parents] if path.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"{option_name('stateDir')}: cannot create or write {state_dir}: {existing} is not a "
+                            "writable directory")
         socket_path = paths.runtime_dir(cfg) / "tailscaled.sock"
         if len(str(socket_path)) > paths.MAX_SOCKET_PATH:
-            problems.append(f"stateDir: the socket path {socket_path} is longer than unix sockets allow")
+            problems.append(f"{option_name('name')}: the socket path {socket_path} is longer than unix sockets "
+                            "allow; use a shorter name")
         if problems:
             raise StartupProblem("\n".join(problems))
         try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StartupProblem(f"{option_name('stateDir')}: cannot create {state_dir}: {exc.strerror}") from None
+        try:
             StateDirLock(state_dir).acquire()
         except (TailscaledStartError, OSError) as exc:
-            raise StartupProblem(f"stateDir: {exc}") from None
+            raise StartupProblem(f"{option_name('stateDir')}: {exc}") from None
         return state_dir, socket_path
 
     def loopback_allow_list(self, front: list[FrontListener]) -> set[Endpoint]:
@@ -172,12 +178,12 @@ class Service:
         try:
             state_dir, socket_path = self.preflight()
         except StartupProblem as exc:
-            for line in str(exc).splitlines():
-                log.error("invalid configuration: %s", line)
+            print_problems("cannot start with this configuration", str(exc).splitlines())
             return EXIT_CONFIG
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_certificate)
 
         self.api = LocalAPI(socket_path)
         whois = None if cfg.suppress_whois else WhoisCache(self.api.whois, cfg.whois_timeout, self.metrics)
@@ -200,7 +206,8 @@ class Service:
             self.daemon = SpawnedTailscaled(cfg, state_dir, socket_path,
                                             self.loopback_allow_list(list(self.forwards.values())))
             self.daemon.prepare()
-        self.node = Node(cfg, self.api, self._node_state_changed)
+        self.node = Node(cfg, self.api, self._node_state_changed,
+                         lambda warnings: setattr(self.health, "warnings", dict(warnings)))
         if self.notifier.watchdog_interval:
             self._tasks.append(asyncio.create_task(self._watchdog()))
         lifecycle = asyncio.create_task(self._keep_serving(), name="lifecycle")
@@ -231,6 +238,20 @@ class Service:
         log.info("%s received: finishing in-flight requests (up to %gs), then stopping", sig.name,
                  self.cfg.shutdown_timeout)
         self.stop_requested.set()
+
+    def _reload_certificate(self) -> None:
+        """SIGHUP: re-read the certificate now (e.g. after ACME renewed the files)."""
+        if self.certificates is None:
+            log.info("SIGHUP: no certificate to reload")
+            return
+
+        async def reload() -> None:
+            try:
+                loaded = await self.certificates.refresh()  # type: ignore[union-attr]
+                log.info("SIGHUP: certificate valid until %s", loaded.not_after.isoformat())
+            except Exception as exc:  # noqa: BLE001 - keep the old certificate, say why
+                log.error("SIGHUP: certificate reload failed, keeping the current one: %s", exc)
+        self._tasks.append(asyncio.create_task(reload()))
 
     def _node_state_changed(self, state: str) -> None:
         self.health.backend_state = state

@@ -48,7 +48,7 @@ class Headscale:
             prefixes:
               v4: 100.64.0.0/10
               v6: fd7a:115c:a1e0::/48
-              allocation: sequential
+              allocation: random  # as Tailscale does: tests must not depend on addresses
             derp:
               server:
                 enabled: true

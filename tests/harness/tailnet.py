@@ -33,10 +33,6 @@ def offline_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **OFFLINE_ENV, **extra}
 
 
-# Client nodes that are up; a new service is usable once all of them know it.
-CLIENTS: list[TailscaleNode] = []
-
-
 class NetworkNamespace:
     """A network namespace joined to the host by a veth pair with 198.18.0.0/15 addresses."""
 
@@ -129,7 +125,6 @@ class TailscaleNode:
         self.cli("up", f"--login-server={login_server}", f"--auth-key={auth_key}", f"--hostname={self.name}",
                  "--accept-dns=false", "--timeout=60s", *(["--netfilter-mode=off"] if self.netns else []), *extra)
         wait_for(lambda: self.status()["BackendState"] == "Running", 30, f"{self.name} Running")
-        CLIENTS.append(self)
         return self
 
     def status(self) -> dict[str, Any]:
@@ -148,8 +143,6 @@ class TailscaleNode:
         return next(ip for ip in self.status()["Self"]["TailscaleIPs"] if ":" not in ip)
 
     def stop(self) -> None:
-        if self in CLIENTS:
-            CLIENTS.remove(self)
         self.process.stop()
 
 

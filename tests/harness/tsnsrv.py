@@ -8,12 +8,13 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .headscale import Headscale
 from .processes import ManagedProcess, wait_for
-from .tailnet import CLIENTS, offline_env
+from .tailnet import TailscaleNode, offline_env
 
 TAILSCALED_TEST_USER = "tsnsrv-test"
 
@@ -72,11 +73,12 @@ class Tsnsrv:
         self.process = ManagedProcess(f"tsnsrv-{name}", self.argv, workdir / "tsnsrv.log",
                                       env=offline_env(**(env or {})))
 
-    def start(self, wait: bool = True, timeout: float = 60) -> Tsnsrv:
+    def start(self, wait: bool = True, timeout: float = 60, clients: Sequence[TailscaleNode] = ()) -> Tsnsrv:
+        """Start; with `wait`, return once it is ready and every one of `clients` can reach it."""
         self.process.start()
         if wait:
             self.wait_ready(timeout)
-            for client in CLIENTS:
+            for client in clients:
                 client.wait_for_peer(self.ip)
         return self
 
