@@ -1,0 +1,72 @@
+# The tsnsrv Python application, built from python/pyproject.toml as it is.
+{
+  lib,
+  python3Packages,
+}:
+python3Packages.buildPythonApplication {
+  pname = "tsnsrv";
+  version = (lib.importTOML ../python/pyproject.toml).project.version;
+  pyproject = true;
+
+  # Only what the build and the unit tests read, so that editing the docs, the module
+  # or the end-to-end suites does not rebuild the package.
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../python/pyproject.toml
+      ../python/tsnsrv
+      ../pytest.ini
+      ../tests/conftest.py
+      ../tests/harness
+      (lib.fileset.maybeMissing ../tests/unit)
+    ];
+  };
+  sourceRoot = "source/python";
+
+  build-system = [ python3Packages.setuptools ];
+
+  dependencies = with python3Packages; [
+    aiohttp
+    attrs
+    cattrs
+    prometheus-client
+  ];
+
+  # pyproject.toml pins exact releases for the development virtualenv; nixpkgs brings
+  # its own, tested, versions.
+  pythonRelaxDeps = true;
+
+  nativeCheckInputs = with python3Packages; [
+    pytestCheckHook
+    pytest-asyncio
+    pytest-timeout
+    hypothesis
+    websockets
+    trustme
+  ];
+
+  # Only the unit tests: the end-to-end suites need root, network namespaces and the
+  # tailnet binaries, which the sandbox does not have (the NixOS VM tests cover them).
+  # pytest runs from the repository root so that pytest.ini and tests/conftest.py
+  # apply, but imports the installed package rather than python/ (`-o pythonpath`).
+  preCheck = ''
+    cd ..
+  '';
+  pytestFlags = [
+    "-o"
+    "pythonpath=tests"
+    "-p"
+    "no:cacheprovider"
+  ];
+  enabledTestPaths = [ "tests/unit" ];
+  doCheck = builtins.pathExists ../tests/unit;
+
+  pythonImportsCheck = [ "tsnsrv" ];
+
+  meta = {
+    description = "Expose local web services on a Tailscale tailnet, each as its own machine";
+    license = lib.licenses.mit;
+    mainProgram = "tsnsrv";
+    platforms = lib.platforms.linux ++ lib.platforms.darwin;
+  };
+}

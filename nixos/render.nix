@@ -1,0 +1,201 @@
+# The JSON configuration of one tsnsrv service, computed from its NixOS option values.
+#
+# This file uses builtins only (no nixpkgs `lib`), so that the checks in tests/nix can
+# evaluate it with a bare `nix-instantiate --eval --strict --json` and hand the result to
+# `tsnsrv check --config`: the option tree and the Python config model are tested
+# against each other without a nixpkgs checkout. The NixOS module (./module.nix) uses
+# the same functions, so what the tests render is what the units run.
+let
+  inherit (builtins)
+    attrNames
+    filter
+    hasAttr
+    listToAttrs
+    removeAttrs
+    ;
+
+  # The JSON keys of the runtime (python/tsnsrv/config.py) that come straight from a
+  # service option of the same name. tests/nix checks this list against the runtime's
+  # fields and against the module's options, in both directions.
+  optionKeys = [
+    "name"
+    "toURL"
+    "loginServerUrl"
+    "authKeyPath"
+    "tags"
+    "ephemeral"
+    "timeout"
+    "tailscaledVerbose"
+    "tailscaledLogUpload"
+    "listenPort"
+    "plaintext"
+    "certificateFile"
+    "certificateKey"
+    "funnel"
+    "funnelOnly"
+    "readHeaderTimeout"
+    "funnelReadHeaderTimeout"
+    "frontAddress"
+    "prefixes"
+    "denyPrefixes"
+    "stripPrefix"
+    "accessRules"
+    "suppressWhois"
+    "whoisTimeout"
+    "identityHeaders"
+    "appCapabilities"
+    "recommendedProxyHeaders"
+    "upstreamHeaders"
+    "upstreamUnixAddr"
+    "upstreamTCPAddr"
+    "insecureHTTPS"
+    "upstreamCaFile"
+    "upstreamAllowInsecureCiphers"
+    "upstreamConnectTimeout"
+    "upstreamResponseHeaderTimeout"
+    "upstreamIdleTimeout"
+    "metricsAddr"
+    "logLevel"
+    "accessLog"
+    "shutdownTimeout"
+  ];
+
+  # JSON keys the module decides itself, because they describe the unit layout rather
+  # than the service: tailscaled runs in its own unit (DESIGN.md §4), so the proxy
+  # attaches to its socket instead of spawning a daemon.
+  managedKeys = [
+    "stateDir"
+    "tailscaledSocket"
+    "tailscaledPath"
+    "tailscaledUser"
+    "controlSocket"
+  ];
+
+  # Service options that shape the units or are resolved into other keys, and so
+  # never appear in the JSON file under their own name.
+  moduleOnlyOptions = [
+    "package"
+    "tailscalePackage"
+    "acmeHost"
+    "urlParts"
+    "supplementalGroups"
+    "extraArgs"
+  ];
+
+  # Where a service keeps its state and sockets. The module names its units, state
+  # and runtime directories after the attribute name `unit`; these paths are what
+  # systemd's StateDirectory=, RuntimeDirectory= and LoadCredential= produce.
+  paths = unit: rec {
+    unitName = "tsnsrv-${unit}";
+    stateDir = "/var/lib/${unitName}";
+    runtimeDir = "/run/${unitName}";
+    tailscaledSocket = "${runtimeDir}/tailscaled.sock";
+    controlSocket = "${runtimeDir}/control.sock";
+    credentialsDir = "/run/credentials/${unitName}.service";
+  };
+
+  # toURL, else the URL put together from urlParts (null when neither is set; the
+  # module asserts against that).
+  upstreamURL =
+    service:
+    let
+      parts = service.urlParts or null;
+    in
+    if (service.toURL or null) != null then
+      service.toURL
+    else if parts != null then
+      "${parts.protocol or "http"}://${parts.host or "127.0.0.1"}:${toString parts.port}"
+    else
+      null;
+
+  # An access rule is either the runtime's one-line form ("allow /admin user:me") or an
+  # object; objects keep only the fields the runtime knows (a submodule value carries
+  # nothing else, but a hand-written attrset in the tests might).
+  ruleFields = [
+    "action"
+    "prefix"
+    "users"
+    "domains"
+    "nodes"
+    "tags"
+    "capabilities"
+  ];
+  renderRule =
+    rule:
+    if builtins.isString rule then
+      rule
+    else
+      listToAttrs (
+        map (field: {
+          name = field;
+          value = rule.${field};
+        }) (filter (field: hasAttr field rule && rule.${field} != null) ruleFields)
+      );
+
+  dropNulls =
+    attrs: removeAttrs attrs (filter (key: attrs.${key} == null) (attrNames attrs));
+
+  /**
+    The configuration file content (an attrset, for builtins.toJSON) of one service.
+
+    - `unit`: the attribute name under services.tsnsrv.services (names the units).
+    - `service`: its option values. Options left out of the attrset are left out of
+      the file, so the runtime's defaults apply.
+    - `acmeDirectory`: security.acme.certs.<acmeHost>.directory when acmeHost is set.
+
+    Options that are null are left out: null means "the runtime's default".
+  */
+  serviceConfig =
+    {
+      unit,
+      service,
+      acmeDirectory ? null,
+    }:
+    let
+      p = paths unit;
+      fromOptions = listToAttrs (
+        map (key: {
+          name = key;
+          value = service.${key};
+        }) (filter (key: hasAttr key service) optionKeys)
+      );
+      acme =
+        if acmeDirectory != null then
+          {
+            certificateFile = "${acmeDirectory}/fullchain.pem";
+            certificateKey = "${acmeDirectory}/key.pem";
+          }
+        else
+          { };
+      tailscalePackage = service.tailscalePackage or null;
+    in
+    dropNulls (
+      fromOptions
+      // {
+        name = service.name or unit;
+        toURL = upstreamURL service;
+        accessRules = map renderRule (service.accessRules or [ ]);
+        # The key file itself is handed over with LoadCredential=, so the dynamic
+        # user never needs to read the (root-only) original.
+        authKeyPath = if (service.authKeyPath or null) != null then "${p.credentialsDir}/authKey" else null;
+        stateDir = p.stateDir;
+        tailscaledSocket = p.tailscaledSocket;
+        controlSocket = p.controlSocket;
+        # Informational in attach mode (the proxy never spawns it), but `tsnsrv check`
+        # and `tsnsrv status` then name the daemon that actually runs.
+        tailscaledPath = if tailscalePackage != null then "${tailscalePackage}/bin/tailscaled" else null;
+        tailscaledUser = null;
+      }
+      // acme
+    );
+in
+{
+  inherit
+    optionKeys
+    managedKeys
+    moduleOnlyOptions
+    paths
+    upstreamURL
+    serviceConfig
+    ;
+}
