@@ -1,0 +1,83 @@
+"""The README's option table is generated from the config model and must stay in sync.
+
+If this fails after adding or changing an option, regenerate the table:
+    python -m tsnsrv.docs --write README.md
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+
+from tsnsrv import config, docs
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_table(text: str) -> str:
+    start = text.index(docs.BEGIN) + len(docs.BEGIN)
+    return text[start:text.index(docs.END)].strip("\n")
+
+
+def test_readme_option_table_matches_the_config_model():
+    text = README.read_text()
+    assert text.count(docs.BEGIN) == 1 and text.count(docs.END) == 1
+    assert readme_table(text) == docs.table(), "README.md is stale: run `python -m tsnsrv.docs --write README.md`"
+    assert docs.splice(text) == text
+
+
+def test_table_has_one_row_per_option_in_model_order():
+    rows = docs.table().splitlines()[2:]
+    assert len(rows) == len(config.FIELDS)
+    for row, key in zip(rows, config.FIELDS):
+        assert f"| `{key}` |" in row
+
+
+@pytest.mark.parametrize(("key", "flag_cell", "default_cell"), [
+    ("name", "`--name`", "required"),
+    ("toURL", "`URL`", "required"),
+    ("listenPort", "`--listen-port PORT`", "none"),
+    ("plaintext", "`--plaintext / --no-plaintext`", "`false`"),
+    ("stripPrefix", "`--strip-prefix / --no-strip-prefix`", "`true`"),
+    ("readHeaderTimeout", "`--read-header-timeout DURATION`", "`30`"),
+    ("frontAddress", "`--front-address ADDR`", "`127.0.0.2`"),
+    ("identityHeaders", "`--identity-header SCHEMA`", "`['tsnsrv']`"),
+    ("tags", "`--tag TAG`", "none"),
+])
+def test_rows_show_flag_and_default(key, flag_cell, default_cell):
+    row = next(r for r in docs.table().splitlines() if f"| `{key}` |" in r)
+    cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+    assert cells[0] == flag_cell and cells[2] == default_cell
+
+
+def test_pipes_in_help_are_escaped_for_markdown():
+    row = next(r for r in docs.table().splitlines() if "| `accessRules` |" in r)
+    assert "allow\\|deny" in row
+    assert row.count(" | ") == 3  # four cells, whatever the help text holds
+
+
+def test_a_new_option_makes_the_readme_stale(monkeypatch):
+    @attrs.define
+    class Extra:
+        brand_new_option: int = config.option(7, metavar="N", help="Something nobody documented yet.")
+
+    field = attrs.fields(Extra).brand_new_option
+    monkeypatch.setattr(docs, "FIELDS", {**config.FIELDS, config.json_key(field): field})
+    text = README.read_text()
+    assert readme_table(text) != docs.table()
+    assert "| `--brand-new-option N` | `brandNewOption` | `7` | Something nobody documented yet. |" in docs.table()
+    assert docs.splice(text) != text
+
+
+def test_write_replaces_only_the_table(tmp_path):
+    target = tmp_path / "README.md"
+    target.write_text(f"# Title\n\n{docs.BEGIN}\nold table\n{docs.END}\n\nafter\n")
+    assert docs.main(["--write", str(target)]) == 0
+    assert target.read_text() == f"# Title\n\n{docs.BEGIN}\n{docs.table()}\n{docs.END}\n\nafter\n"
+
+
+def test_main_prints_the_table(capsys):
+    assert docs.main([]) == 0
+    assert capsys.readouterr().out == docs.table() + "\n"
