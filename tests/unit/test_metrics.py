@@ -1,0 +1,95 @@
+"""Prometheus metrics (tsnsrv.metrics): our series, and the Go tsnsrv's under their old names."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tsnsrv.metrics import Metrics
+
+
+def families(metrics: Metrics) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        out.setdefault(family.name, []).append(family)
+    return out
+
+
+def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float | None:
+    return metrics.registry.get_sample_value(name, labels or {})
+
+
+def test_observe_response_feeds_both_series_sets():
+    m = Metrics()
+    m.observe_response(200, "tailnet", 0.25)
+    m.observe_response(204, "tailnet", 0.5)
+    m.observe_response(404, "funnel", 0.001)
+    assert sample(m, "tsnsrv_responses_total", {"status_class": "2xx", "source": "tailnet"}) == 2
+    assert sample(m, "tsnsrv_responses_total", {"status_class": "4xx", "source": "funnel"}) == 1
+    assert sample(m, "tsnsrv_request_duration_seconds_count", {"source": "tailnet"}) == 2
+    assert sample(m, "tsnsrv_request_duration_seconds_sum", {"source": "tailnet"}) == pytest.approx(0.75)
+    assert sample(m, "tsnsrv_request_duration_seconds_bucket", {"source": "funnel", "le": "0.001"}) == 1
+    assert sample(m, "tsnsrv_request_duration_ns_sum") == pytest.approx(0.751e9)
+    assert sample(m, "tsnsrv_request_duration_ns_count") == 3
+    assert sample(m, "tsnsrv_response_status_classes", {"status_code_class": "2xx"}) == 2
+    assert sample(m, "tsnsrv_response_status_classes", {"status_code_class": "4xx"}) == 1
+
+
+def test_client_gone_499_and_5xx_classes():
+    m = Metrics()
+    m.observe_response(499, "tailnet", 1.0)
+    m.observe_response(502, "tailnet", 1.0)
+    assert sample(m, "tsnsrv_response_status_classes", {"status_code_class": "4xx"}) == 1
+    assert sample(m, "tsnsrv_response_status_classes", {"status_code_class": "5xx"}) == 1
+
+
+def test_upstream_failures_count_in_both_sets():
+    m = Metrics()
+    m.upstream_failed("refused")
+    m.upstream_failed("timeout")
+    m.upstream_failed("refused")
+    assert sample(m, "tsnsrv_upstream_errors_total", {"kind": "refused"}) == 2
+    assert sample(m, "tsnsrv_upstream_errors_total", {"kind": "timeout"}) == 1
+    assert sample(m, "tsnsrv_proxy_errors") == 3
+
+
+def test_exposition_uses_the_go_tsnsrv_sample_names():
+    m = Metrics()
+    m.observe_response(200, "tailnet", 0.1)
+    m.upstream_failed("reset")
+    text = m.exposition().decode()
+    lines = text.splitlines()
+    assert 'tsnsrv_response_status_classes{status_code_class="2xx"} 1.0' in lines
+    assert "tsnsrv_proxy_errors 1.0" in lines
+    assert "tsnsrv_request_duration_ns_count 1.0" in lines
+    assert "# TYPE tsnsrv_request_duration_ns summary" in lines
+
+
+def test_each_service_has_its_own_registry():
+    a, b = Metrics(), Metrics()
+    a.observe_response(200, "tailnet", 0.1)
+    assert sample(a, "tsnsrv_request_duration_ns_count") == 1
+    assert sample(b, "tsnsrv_request_duration_ns_count") == 0
+
+
+def test_exposition_parses_and_names_every_series_once():
+    names = families(Metrics())
+    for name in ("tsnsrv_requests_in_flight", "tsnsrv_responses", "tsnsrv_whois_lookups", "tsnsrv_denied_requests",
+                 "tsnsrv_refused_front_connections", "tsnsrv_certificate_expiry_timestamp_seconds",
+                 "tsnsrv_node_running", "tsnsrv_tailscaled_restarts", "tsnsrv_loopback_refusals",
+                 "tsnsrv_websocket_sessions_open", "tsnsrv_upstream_connect_duration_seconds"):
+        assert name in names, name
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: GoCompatibleCollector builds its counters with Metric(name, ..., "
+                                       "'counter') and samples named without _total; prometheus_client then writes "
+                                       "'# TYPE <name>_total counter' with no samples, and the real samples "
+                                       "(tsnsrv_response_status_classes, tsnsrv_proxy_errors) come out untyped, "
+                                       "without HELP (use CounterMetricFamily or an 'unknown'/'gauge' type)")
+def test_go_compatible_counters_are_typed_counters():
+    m = Metrics()
+    m.observe_response(200, "tailnet", 0.1)
+    m.upstream_failed("reset")
+    for name in ("tsnsrv_response_status_classes", "tsnsrv_proxy_errors"):
+        with_samples = [f for f in families(m)[name] if f.samples]
+        assert [f.type for f in with_samples] == ["counter"], name
