@@ -99,8 +99,7 @@ let
       raw;
 
   isLoopbackURL =
-    url:
-    builtins.match "[a-z]+://(localhost|127\\.[0-9.]+|\\[::1\\])([:/].*)?" url != null;
+    url: builtins.match "[a-z]+://(localhost|127\\.[0-9.]+|\\[::1])([:/].*)?" url != null;
 
   # The Go tsnsrv's hardening, plus a syscall filter, address families and /proc
   # restrictions. ProtectProc=invisible (not "noaccess") because the proxy inspects

@@ -1,0 +1,254 @@
+"""nixos/module.nix evaluated with the real nixpkgs `lib.evalModules`.
+
+Needs a nixpkgs `lib` tree: set TSNSRV_NIXPKGS_LIB to its `lib` directory, e.g. from
+https://github.com/nix-community/nixpkgs.lib (which Nix 2.8 evaluates):
+
+    git clone --depth 1 https://github.com/nix-community/nixpkgs.lib /tmp/nixpkgs.lib
+    TSNSRV_NIXPKGS_LIB=/tmp/nixpkgs.lib/lib pytest tests/nix
+
+The NixOS options the module sets (systemd.services, assertions, security.acme.certs,
+...) are declared minimally by tests/nix/eval-module.nix and `pkgs` is a stub, so the
+units are checked as the module generates them, without building anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from nixtools import TESTS, nix_eval, nix_string, run_nix
+from tsnsrv import config
+
+LIB = os.environ.get("TSNSRV_NIXPKGS_LIB")
+
+pytestmark = pytest.mark.skipif(
+    not LIB, reason="TSNSRV_NIXPKGS_LIB is not set: the module is not evaluated with the real nixpkgs lib "
+                    "(point it at the lib/ directory of github.com/nix-community/nixpkgs.lib)")
+
+# The blog post's setup, as in docs/nixos.md.
+BLOG = """{
+  services.tsnsrv = {
+    enable = true;
+    defaults = {
+      authKeyPath = "/run/secrets/tailscale-authkey";
+      loginServerUrl = "https://headscale.example.com";
+    };
+    services = {
+      books = {
+        toURL = "http://127.0.0.1:8083";
+        funnel = true;
+        prefixes = [ "tailnet:/" "funnel:/kobo/" ];
+        stripPrefix = false;
+      };
+      home = {
+        urlParts.port = 8123;
+        identityHeaders = [ "tsnsrv" "serve" ];
+        supplementalGroups = [ "hass" ];
+      };
+      alertmanager = {
+        toURL = "http://127.0.0.1:9093";
+        accessRules = [ "allow user:me@example.com" "deny" ];
+        loginServerUrl = null;
+      };
+      docs = {
+        toURL = "http://docspell";
+        upstreamUnixAddr = "/run/docspell/http.sock";
+        suppressWhois = true;
+        extraArgs = [ "--log-level=debug" ];
+        tailscaledVerbose = true;
+      };
+      grafana = {
+        toURL = "http://127.0.0.1:3000";
+        acmeHost = "grafana.example.com";
+      };
+    };
+  };
+  services.resolved.enable = true;
+  security.acme.certs."grafana.example.com".group = "certs";
+}"""
+
+
+def evaluate(configuration: str, tailscale_version: str = "1.98.1") -> dict[str, Any]:
+    return nix_eval(f"import {nix_string(TESTS / 'eval-module.nix')} {{ lib = import {nix_string(Path(LIB or ''))}; "
+                    f"configuration = {configuration}; tailscaleVersion = {json.dumps(tailscale_version)}; }}")
+
+
+def evaluation_error(configuration: str) -> str:
+    expr = (f"(import {nix_string(TESTS / 'eval-module.nix')} {{ lib = import {nix_string(Path(LIB or ''))}; "
+            f"configuration = {configuration}; }}).units")
+    result = run_nix(["--readonly-mode", "--eval", "--strict", "--json", "-E", expr])
+    assert result.returncode != 0, f"expected an evaluation error, got {result.stdout[:500]}"
+    return result.stderr
+
+
+@pytest.fixture(scope="module")
+def blog() -> dict[str, Any]:
+    return evaluate(BLOG)
+
+
+def test_the_blog_setup_evaluates_without_failed_assertions(blog: dict) -> None:
+    assert blog["failedAssertions"] == []
+    names = {"books", "home", "alertmanager", "docs", "grafana"}
+    assert set(blog["units"]) == {f"tsnsrv-{n}" for n in names} | {f"tsnsrv-{n}-tailscaled" for n in names}
+
+
+@pytest.mark.parametrize("name", ["books", "home", "alertmanager", "docs", "grafana"])
+def test_proxy_runs_the_rendered_config(blog: dict, name: str) -> None:
+    unit = blog["units"][f"tsnsrv-{name}"]
+    exec_start = unit["serviceConfig"]["ExecStart"]
+    assert exec_start.startswith('"/nix/store/00000000000000000000000000000000-tsnsrv-0.1.0/bin/tsnsrv" "--config" ')
+    # The stub names the file after a hash of its content: it is what render.nix
+    # makes of this service's option values.
+    assert f"{blog['expected'][name]['fileHash']}-tsnsrv-{name}.json" in exec_start
+
+
+def test_rendered_values(blog: dict) -> None:
+    settings = {name: e["settings"] for name, e in blog["expected"].items()}
+    assert settings["docs"]["suppressWhois"] is True
+    assert settings["books"]["suppressWhois"] is False
+    assert settings["books"]["loginServerUrl"] == "https://headscale.example.com"  # from defaults
+    assert "loginServerUrl" not in settings["alertmanager"]  # overridden with null
+    assert settings["home"]["toURL"] == "http://127.0.0.1:8123"
+    assert settings["alertmanager"]["accessRules"] == ["allow user:me@example.com", "deny"]
+    assert settings["grafana"]["certificateFile"] == "/var/lib/acme/grafana.example.com/fullchain.pem"
+    assert settings["home"]["tailscaledSocket"] == "/run/tsnsrv-home/tailscaled.sock"
+    assert settings["home"]["authKeyPath"] == "/run/credentials/tsnsrv-home.service/authKey"
+
+
+def test_proxy_unit(blog: dict) -> None:
+    unit = blog["units"]["tsnsrv-home"]
+    sc = unit["serviceConfig"]
+    assert sc["Type"] == "notify" and sc["NotifyAccess"] == "main"
+    assert sc["Restart"] == "always" and sc["RestartSec"] == "5s"
+    assert unit["stopIfChanged"] is False
+    assert unit["wantedBy"] == ["multi-user.target"]
+    assert unit["requires"] == ["tsnsrv-home-tailscaled.service"]
+    assert "tsnsrv-home-tailscaled.service" in unit["after"]
+    assert sc["LoadCredential"] == ["authKey:/run/secrets/tailscale-authkey"]
+    assert sc["SupplementaryGroups"] == ["hass"]
+    assert "IPAddressDeny" not in sc  # the proxy reaches upstreams on loopback
+    assert blog["units"]["tsnsrv-docs"]["serviceConfig"]["ExecStart"].endswith('"--log-level=debug"')
+
+
+def test_tailscaled_unit_is_confined_to_the_front_address(blog: dict) -> None:
+    unit = blog["units"]["tsnsrv-home-tailscaled"]
+    sc = unit["serviceConfig"]
+    assert sc["IPAddressDeny"] == "localhost"
+    assert sc["IPAddressAllow"] == ["127.0.0.2", "127.0.0.53", "127.0.0.54"]  # front address + resolved stub
+    assert sc["ExecStart"] == (
+        '"/nix/store/00000000000000000000000000000000-tailscale-1.98.1/bin/tailscaled" '
+        '"--tun=userspace-networking" "--statedir=/var/lib/tsnsrv-home" '
+        '"--socket=/run/tsnsrv-home/tailscaled.sock" "--port=0" "--no-logs-no-support"')
+    assert sc["StateDirectory"] == "tsnsrv-home"
+    assert sc["Type"] == "notify" and sc["Restart"] == "always"
+    assert unit["environment"] == {"TS_LOGS_DIR": "/var/lib/tsnsrv-home"}
+    assert "--verbose=1" in blog["units"]["tsnsrv-docs-tailscaled"]["serviceConfig"]["ExecStart"]
+
+
+def test_both_units_share_user_and_runtime_directory(blog: dict) -> None:
+    proxy = blog["units"]["tsnsrv-books"]["serviceConfig"]
+    daemon = blog["units"]["tsnsrv-books-tailscaled"]["serviceConfig"]
+    for key in ("DynamicUser", "User", "Group", "RuntimeDirectory", "RuntimeDirectoryPreserve"):
+        assert proxy[key] == daemon[key], key
+    assert proxy["User"] == "tsnsrv-books" and proxy["DynamicUser"] is True
+    assert proxy["RuntimeDirectoryPreserve"] is True
+
+
+@pytest.mark.parametrize("unit", ["tsnsrv-books", "tsnsrv-books-tailscaled"])
+def test_hardening(blog: dict, unit: str) -> None:
+    sc = blog["units"][unit]["serviceConfig"]
+    expected = {
+        "CapabilityBoundingSet": "", "AmbientCapabilities": "", "NoNewPrivileges": True, "PrivateDevices": True,
+        "PrivateTmp": True, "PrivateUsers": True, "ProtectSystem": "strict", "ProtectHome": True,
+        "ProtectProc": "invisible", "ProtectKernelTunables": True, "ProtectKernelModules": True,
+        "ProtectControlGroups": True, "RestrictNamespaces": True, "LockPersonality": True,
+        "MemoryDenyWriteExecute": True, "RestrictSUIDSGID": True, "SystemCallArchitectures": "native",
+    }
+    assert {key: sc.get(key) for key in expected} == expected
+    assert "@system-service" in sc["SystemCallFilter"]
+    assert set(sc["RestrictAddressFamilies"]) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+
+
+def test_acme_host(blog: dict) -> None:
+    unit = blog["units"]["tsnsrv-grafana"]
+    assert "acme-grafana.example.com.service" in unit["after"]
+    assert "acme-grafana.example.com.service" in unit["wants"]
+    assert unit["serviceConfig"]["SupplementaryGroups"] == ["certs"]
+    assert blog["acmeReloads"]["grafana.example.com"] == ["tsnsrv-grafana.service"]
+    assert "kill -HUP $MAINPID" in unit["serviceConfig"]["ExecReload"]
+
+
+ASSERTION_CASES = {
+    "no upstream": ("{ a = { }; }", "services.tsnsrv.services.a: set toURL"),
+    "funnel with plaintext": ('{ a = { toURL = "http://x:1"; funnel = true; plaintext = true; }; }',
+                              "Funnel only carries TLS"),
+    "certificate without key": ('{ a = { toURL = "http://x:1"; certificateFile = "/etc/c.pem"; }; }',
+                                "certificateFile and certificateKey must be set together"),
+    "duplicate names": ('{ a = { toURL = "http://x:1"; name = "web"; }; b = { toURL = "http://x:1"; name = "web"; }; }',
+                        "machine name(s) web used by more than one service"),
+    "front address on 127.0.0.1": ('{ a = { toURL = "http://x:1"; frontAddress = "127.0.0.1"; }; }',
+                                   'frontAddress = "127.0.0.1" must be'),
+    "control server on loopback": ('{ a = { toURL = "http://x:1"; loginServerUrl = "http://127.0.0.1:8080"; }; }',
+                                   "is on host loopback"),
+    "funnelOnly without funnel": ('{ a = { toURL = "http://x:1"; funnelOnly = true; }; }', "funnelOnly = true needs"),
+    "long attribute name": ('{ a-very-long-service-attribute-name = { toURL = "http://x:1"; }; }',
+                            "1-24 lowercase letters"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ASSERTION_CASES))
+def test_assertions(case: str) -> None:
+    services, message = ASSERTION_CASES[case]
+    result = evaluate(f"{{ services.tsnsrv = {{ enable = true; services = {services}; }}; }}")
+    assert any(message in failed for failed in result["failedAssertions"]), result["failedAssertions"]
+
+
+def test_a_valid_service_fails_no_assertion() -> None:
+    result = evaluate('{ services.tsnsrv = { enable = true; services.a.toURL = "http://x:1"; }; }')
+    assert result["failedAssertions"] == []
+
+
+def test_old_tailscale_is_refused() -> None:
+    result = evaluate('{ services.tsnsrv = { enable = true; services.a.toURL = "http://x:1"; }; }', "1.90.3")
+    assert any("tailscale 1.90.3, but tsnsrv needs 1.92 or newer" in m for m in result["failedAssertions"])
+
+
+def test_tags_must_be_tags() -> None:
+    error = evaluation_error('{ services.tsnsrv = { enable = true; services.a = { toURL = "http://x:1"; '
+                             'tags = [ "server" ]; }; }; }')
+    assert "tags" in error and "tag:" in error
+
+
+def test_secrets_cannot_be_store_paths() -> None:
+    error = evaluation_error('{ services.tsnsrv = { enable = true; services.a = { toURL = "http://x:1"; '
+                             'authKeyPath = "/nix/store/00000000000000000000000000000000-key"; }; }; }')
+    assert "authKeyPath" in error
+
+
+def test_disabled_module_defines_nothing() -> None:
+    result = evaluate('{ services.tsnsrv.services.a.toURL = "http://x:1"; }')
+    assert result["units"] == {} and result["failedAssertions"] == []
+
+
+def test_option_tree_matches_the_stub_evaluation_and_the_runtime(blog: dict) -> None:
+    stub = nix_eval(f"import {nix_string(TESTS / 'options-eval.nix')}")
+    real = blog["options"]
+    assert set(real["services"]) == set(stub["services"])
+    assert set(real["defaults"]) == set(stub["defaults"])
+    for name, option in real["services"].items():
+        assert option["type"] == stub["services"][name]["type"], name
+    # With nothing set in `defaults` but the key path, every default is the runtime's.
+    values = evaluate('{ services.tsnsrv.enable = true; }')["options"]["defaultValues"]
+    for key, field in config.FIELDS.items():
+        if key not in values:
+            continue
+        default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default  # type: ignore[arg-type]
+        ours = values[key]
+        if isinstance(default, float) and not isinstance(ours, bool):
+            ours = float(ours)
+        assert ours == default, f"{key}: module default {values[key]!r}, runtime default {default!r}"
