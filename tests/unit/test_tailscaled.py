@@ -1,0 +1,55 @@
+"""The spawned tailscaled's command line, environment and state-directory lock
+(tsnsrv.tailscaled); nothing is started here."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tsnsrv.config import load
+from tsnsrv.tailscaled import SpawnedTailscaled, StateDirLock, TailscaledStartError
+
+
+def daemon(tmp_path, **extra) -> SpawnedTailscaled:
+    cfg = load({"name": "books", "toURL": "http://127.0.0.1:8083",
+                "tailscaledPath": str(tmp_path / "bin" / "tailscaled"), **extra})
+    return SpawnedTailscaled(cfg, tmp_path / "state", tmp_path / "run" / "tailscaled.sock", set())
+
+
+def test_argv_is_userspace_offline_and_per_service(tmp_path):
+    assert daemon(tmp_path).argv() == [
+        str(tmp_path / "bin" / "tailscaled"), "--tun=userspace-networking", f"--statedir={tmp_path / 'state'}",
+        f"--socket={tmp_path / 'run' / 'tailscaled.sock'}", "--port=0", "--no-logs-no-support"]
+
+
+def test_argv_for_ephemeral_nodes_and_log_upload(tmp_path):
+    argv = daemon(tmp_path, ephemeral=True, tailscaledLogUpload=True).argv()
+    assert "--state=mem:" in argv
+    assert "--no-logs-no-support" not in argv
+
+
+def test_environment_drops_auth_keys_and_sets_logs_dir_and_death_fd(tmp_path, monkeypatch):
+    monkeypatch.setenv("TS_AUTHKEY", "tskey-auth-secret")
+    monkeypatch.setenv("TS_AUTH_KEY", "tskey-auth-secret")
+    monkeypatch.setenv("UNRELATED", "kept")
+    env = daemon(tmp_path).environment(death_fd=7)
+    assert "TS_AUTHKEY" not in env and "TS_AUTH_KEY" not in env
+    assert "tskey-auth-secret" not in env.values()
+    assert env["TS_LOGS_DIR"] == str(tmp_path / "state")
+    assert env["TS_PARENT_DEATH_FD"] == "7"
+    assert env["UNRELATED"] == "kept"
+
+
+def test_state_dir_lock_admits_one_holder(tmp_path):
+    first = StateDirLock(tmp_path)
+    first.acquire()
+    try:
+        assert (tmp_path / "tsnsrv.lock").read_text() == str(os.getpid())
+        with pytest.raises(TailscaledStartError, match=f"in use by tsnsrv pid {os.getpid()}; each service needs"):
+            StateDirLock(tmp_path).acquire()
+    finally:
+        os.close(first._fd)
+    second = StateDirLock(tmp_path)
+    second.acquire()  # free again once the holder is gone
+    os.close(second._fd)
