@@ -16,9 +16,11 @@ python3Packages.buildPythonApplication {
       ../python/pyproject.toml
       ../python/tsnsrv
       ../pytest.ini
+      # tests/unit/test_docs.py checks the README's option table against the model.
+      ../README.md
       ../tests/conftest.py
       ../tests/harness
-      (lib.fileset.maybeMissing ../tests/unit)
+      ../tests/unit
     ];
   };
   sourceRoot = "source/python";
@@ -43,6 +45,7 @@ python3Packages.buildPythonApplication {
     hypothesis
     websockets
     trustme
+    cryptography
   ];
 
   # Only the unit tests: the end-to-end suites need root, network namespaces and the
@@ -59,7 +62,9 @@ python3Packages.buildPythonApplication {
     "no:cacheprovider"
   ];
   enabledTestPaths = [ "tests/unit" ];
-  doCheck = builtins.pathExists ../tests/unit;
+  # These run the console script found next to sys.executable (a virtualenv's layout);
+  # here the interpreter and the installed script live in different store paths.
+  disabledTests = [ "test_console_script" ];
 
   pythonImportsCheck = [ "tsnsrv" ];
 
