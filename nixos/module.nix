@@ -31,14 +31,12 @@ let
     getExe
     getExe'
     literalExpression
-    mapAttrs'
     mapAttrsToList
     mkEnableOption
     mkIf
     mkOption
     nameValuePair
     optional
-    optionalAttrs
     optionals
     types
     ;
@@ -48,8 +46,8 @@ let
     import ./options.nix (
       {
         inherit lib;
+        # Built with the system's own nixpkgs, whichever the flake's input follows.
         defaultPackage = pkgs.callPackage ./package.nix { };
-        defaultPackageText = literalExpression "tsnsrv.packages.\${system}.tsnsrv";
         defaultTailscale = pkgs.tailscale;
       }
       // args

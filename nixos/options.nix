@@ -13,7 +13,6 @@
   unit ? null,
   # Default packages, passed in so that this file does not depend on `pkgs`.
   defaultPackage,
-  defaultPackageText,
   defaultTailscale,
 }:
 let
@@ -180,7 +179,7 @@ in
   package = inheritable "package" {
     type = types.package;
     default = defaultPackage;
-    defaultText = defaultPackageText;
+    defaultText = literalExpression ''pkgs.callPackage "''${tsnsrv}/nixos/package.nix" { }'';
     description = "The tsnsrv package to run.";
   };
 

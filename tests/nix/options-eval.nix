@@ -9,7 +9,6 @@ let
       inherit lib defaults;
       unit = "example";
       defaultPackage = "/nix/store/00000000000000000000000000000000-tsnsrv-0.1.0";
-      defaultPackageText = lib.literalExpression "tsnsrv.packages.\${system}.tsnsrv";
       defaultTailscale = "/nix/store/00000000000000000000000000000000-tailscale-1.98.1";
     };
 
