@@ -273,10 +273,6 @@ let
         message = "${where}: acmeHost sets certificateFile and certificateKey; do not set them as well.";
       }
       {
-        assertion = service.acmeHost == null || config.security.acme.certs ? ${service.acmeHost};
-        message = ''${where}: acmeHost = "${toString service.acmeHost}" but security.acme.certs."${toString service.acmeHost}" is not declared.'';
-      }
-      {
         assertion = lib.versionAtLeast (lib.getVersion service.tailscalePackage) "1.92";
         message = "${where}: tailscalePackage is tailscale ${lib.getVersion service.tailscalePackage}, but tsnsrv needs 1.92 or newer (Serve's PROXY protocol forwarding); use a newer pkgs.tailscale.";
       }
@@ -348,7 +344,9 @@ in
         }
       ];
 
-    # ACME renewals reach the proxy as a reload (SIGHUP re-reads the files).
+    # ACME renewals reach the proxy as a reload (SIGHUP re-reads the files). This also
+    # declares the certificate if the configuration does not, and the ACME module then
+    # asks for how to validate it.
     security.acme.certs = lib.mkMerge (
       mapAttrsToList (unit: service: {
         ${service.acmeHost}.reloadServices = [ "${unitOf unit}.service" ];
