@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness.headscale import ALLOW_ALL_POLICY, Headscale
-from harness.processes import STARTED
+from harness.processes import STARTED, free_port
 from harness.tailnet import ClientDevice, NetworkNamespace, SocksClient, TailscaleNode
 from harness.tsnsrv import TAILSCALED_TEST_USER, Tsnsrv
 from harness.upstream import Upstream
@@ -47,12 +47,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 @pytest.fixture(autouse=True)
 def _note_processes(request: pytest.FixtureRequest) -> None:
     request.node._first_process = len(STARTED)
-
-
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +91,7 @@ def start_headscale(bin_dir: Path, host_ip: str, workdir: Path) -> Headscale:
 def headscale(bin_dir: Path, netns: NetworkNamespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Headscale]:
     server = start_headscale(bin_dir, netns.host_ip, tmp_path_factory.mktemp("headscale"))
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture
@@ -108,13 +102,14 @@ def private_tailnet(bin_dir: Path, netns: NetworkNamespace, tmp_path_factory: py
     factory = TsnsrvFactory(bin_dir, server, service_root, clients=[])
     yield factory
     factory.stop_all()
-    server.stop()
+    server.close()
 
 
 @pytest.fixture(scope="session")
 def laptop(bin_dir: Path, netns: NetworkNamespace, headscale: Headscale,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientDevice]:
     """Alice's laptop: what tests use to reach services over the tailnet."""
+    headscale.relay_into(netns)
     node = TailscaleNode("laptop", bin_dir, tmp_path_factory.mktemp("laptop"), netns).start()
     node.up(headscale.url, headscale.auth_key("alice"))
     yield ClientDevice(node)

@@ -142,7 +142,7 @@ class Identity:
 
 
 def rule_matches(rule: AccessRule, identity: Identity | None) -> bool:
-    if not (rule.users or rule.domains or rule.nodes or rule.tags or rule.capabilities):
+    if not rule.selects_identity:
         return True
     if identity is None:
         return False
@@ -157,6 +157,7 @@ def rule_matches(rule: AccessRule, identity: Identity | None) -> bool:
 class AccessDecision:
     allowed: bool
     reason: str
+    unavailable: bool = False  # refused because identity could not be looked up (try again later)
 
 
 @attrs.frozen
@@ -167,13 +168,20 @@ class AccessPolicy:
     def from_rules(cls, rules: Sequence[AccessRule]) -> AccessPolicy:
         return cls(tuple((rule, Prefix.parse(rule.prefix)) for rule in rules))
 
-    def decide(self, path: str, provenance: str, identity: Identity | None) -> AccessDecision:
+    def decide(self, path: str, provenance: str, identity: Identity | None,
+               identity_unavailable: bool = False) -> AccessDecision:
         """First matching rule wins. Without a match, a path covered by an allow rule is
-        denied (allow rules make an allow-list for their prefix); anything else passes."""
+        denied (allow rules make an allow-list for their prefix); anything else passes.
+
+        When the client's identity could not be looked up, the first rule that depends on
+        identity refuses the request: a deny rule must not let its subject through."""
         covered_by_allow = False
         for rule, prefix in self.rules:
             if not prefix.matches(path, provenance):
                 continue
+            if identity_unavailable and rule.selects_identity:
+                return AccessDecision(False, f'rule "{rule.describe()}" needs the client\'s identity, which tailscaled '
+                                             "could not give", unavailable=True)
             if rule_matches(rule, identity):
                 return AccessDecision(rule.action == "allow", f'rule "{rule.describe()}"')
             covered_by_allow |= rule.action == "allow"

@@ -112,6 +112,11 @@ class AccessRule:
                 raise ValueError(f'"{word}" in "{text}" is not a selector; use user:, domain:, node:, tag: or cap:')
         return cls(**fields)
 
+    @property
+    def selects_identity(self) -> bool:
+        """Whether the rule applies only to some clients (and so needs to know who they are)."""
+        return bool(self.users or self.domains or self.nodes or self.tags or self.capabilities)
+
     def describe(self) -> str:
         selectors = [f"user:{u}" for u in self.users] + [f"domain:{d}" for d in self.domains]
         selectors += [f"node:{n}" for n in self.nodes] + list(self.tags)
@@ -255,14 +260,19 @@ _GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+_SECONDS = re.compile(r"\d+(\.\d+)?")
+
+
 def parse_duration(value: Any) -> float:
     """A non-negative number of seconds, or a Go duration string like "1m30s"."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError("expected a duration such as 30, \"30s\", \"1m30s\" or \"500ms\"")
     if isinstance(value, str):
         text = value.strip()
-        if text in ("0", ""):
+        if text == "":
             return 0.0
+        if _SECONDS.fullmatch(text):  # a bare number of seconds, as on the command line
+            return float(text)
         pos, total = 0, 0.0
         for match in _GO_DURATION.finditer(text):
             if match.start() != pos:
@@ -520,6 +530,9 @@ def semantic_problems(c: ServiceConfig) -> list[tuple[str, str]]:
         for tag in rule.tags:
             if not _TAG.fullmatch(tag):
                 bad("accessRules", f'entry {index}: "{tag}" is not a tag; tags look like "tag:family"')
+        if c.suppress_whois and rule.selects_identity:
+            bad("accessRules", f'entry {index}: "{rule.describe()}" selects clients by identity, which suppressWhois '
+                               "turns off; drop suppressWhois or the rule's selectors")
     for schema in c.identity_headers:
         if schema not in IDENTITY_SCHEMAS:
             bad("identityHeaders", f'"{schema}" is not a header schema; use "tsnsrv" or "serve"')

@@ -31,6 +31,7 @@ class Health:
     listen_port: int
     tls_mode: str  # "plaintext", "tailscale" or "files"
     funnel: bool
+    tailscaled_socket: str = ""
     tailscaled: str = "starting"  # starting, running, restarting, unreachable, stopped
     tailscaled_pid: int | None = None
     tailscaled_restarts: int = 0
@@ -79,7 +80,8 @@ class Health:
             "status": self.summary(),
             "pid": os.getpid(),
             "uptimeSeconds": round(time.time() - self.started, 1),
-            "tailscaled": {"mode": self.mode, "state": self.tailscaled, "pid": self.tailscaled_pid,
+            "tailscaled": {"mode": self.mode, "socket": self.tailscaled_socket, "state": self.tailscaled,
+                           "pid": self.tailscaled_pid,
                            "restarts": self.tailscaled_restarts, "loopbackGuard": self.confined},
             "node": {"state": self.backend_state, "dnsName": self.dns_name, "addresses": list(self.addresses),
                      "url": self.url, "warnings": self.warnings},

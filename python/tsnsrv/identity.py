@@ -40,6 +40,10 @@ def is_spoofable(header_name: str) -> bool:
 WhoisFunction = Callable[[str, float], Awaitable[dict | None]]
 
 
+class IdentityUnavailable(Exception):
+    """tailscaled could not say who is behind an address (error or timeout)."""
+
+
 class WhoisCache:
     def __init__(self, whois: WhoisFunction, timeout: float, metrics: Metrics, ttl: float = 10.0,
                  max_entries: int = 4096):
@@ -53,39 +57,38 @@ class WhoisCache:
         self._last_warning = 0.0
 
     async def lookup(self, address: str) -> Identity | None:
+        """The identity behind a tailnet address; None if tailscaled knows no node there.
+
+        Raises IdentityUnavailable when tailscaled could not be asked (not cached)."""
         entry = self._entries.get(address)
         if entry is not None and entry[0] > time.monotonic():
             self._entries.move_to_end(address)
             self._metrics.whois.labels("cached").inc()
             return entry[1]
         pending = self._pending.get(address)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Identity | None] = asyncio.get_running_loop().create_future()
-        self._pending[address] = future
-        try:
-            identity = await self._ask(address)
-            future.set_result(identity)
-            return identity
-        finally:
-            del self._pending[address]
-            if not future.done():
-                future.set_result(None)
+        if pending is None:
+            # A task of its own, so that the request that started it may be cancelled
+            # (its client hung up) without taking the answer from the others waiting.
+            pending = asyncio.ensure_future(self._ask(address))
+            self._pending[address] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(address, None))
+        return await asyncio.shield(pending)
 
     async def _ask(self, address: str) -> Identity | None:
         try:
             answer = await self._whois(address, self._timeout or None)
-        except Exception as exc:  # noqa: BLE001 - any failure means "no identity", and is reported
+        except Exception as exc:  # noqa: BLE001 - any failure means "identity unknown", and is reported
             self._metrics.whois.labels("error").inc()
             now = time.monotonic()
             if now - self._last_warning > 10:
                 self._last_warning = now
-                log.warning("whois %s failed, request proceeds without identity headers: %s", address,
-                            exc or type(exc).__name__)
-            return None
+                log.warning("whois %s failed; the request proceeds without identity headers (or is refused where "
+                            "an access rule depends on identity): %s", address, exc or type(exc).__name__)
+            raise IdentityUnavailable(str(exc) or type(exc).__name__) from exc
         identity = Identity.from_whois(answer) if answer else None
         self._metrics.whois.labels("found" if identity else "unknown").inc()
         self._entries[address] = (time.monotonic() + self._ttl, identity)
+        self._entries.move_to_end(address)
         if len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
         return identity

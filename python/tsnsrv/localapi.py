@@ -72,8 +72,8 @@ class LocalAPI:
         _, body, _ = await self._request(method, path, **kwargs)
         return json.loads(body) if body else None
 
-    async def status(self) -> dict[str, Any]:
-        return await self._json("GET", "status")
+    async def status(self, peers: bool = True) -> dict[str, Any]:
+        return await self._json("GET", "status", params=None if peers else {"peers": "false"})
 
     async def whois(self, addr: str, timeout: float | None) -> dict[str, Any] | None:
         """Who is behind a tailnet address; None if tailscaled does not know it."""

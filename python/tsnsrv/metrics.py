@@ -28,10 +28,12 @@ class GoCompatibleCollector:
         summary = Metric("tsnsrv_request_duration_ns", "Duration of requests served", "summary")
         summary.add_sample("tsnsrv_request_duration_ns_sum", {}, self.duration_ns_sum)
         summary.add_sample("tsnsrv_request_duration_ns_count", {}, self.duration_count)
-        classes = Metric("tsnsrv_response_status_classes", "Responses by status code class (1xx, etc)", "counter")
+        # Declared untyped: prometheus_client would name a counter family "<name>_total",
+        # which no longer matches the Go tsnsrv's sample names that dashboards query.
+        classes = Metric("tsnsrv_response_status_classes", "Responses by status code class (1xx, etc)", "unknown")
         for status_class, count in sorted(self.status_classes.items()):
             classes.add_sample("tsnsrv_response_status_classes", {"status_code_class": status_class}, count)
-        errors = Metric("tsnsrv_proxy_errors", "Number of errors encountered proxying requests", "counter")
+        errors = Metric("tsnsrv_proxy_errors", "Number of errors encountered proxying requests", "unknown")
         errors.add_sample("tsnsrv_proxy_errors", {}, self.proxy_errors)
         return [summary, classes, errors]
 

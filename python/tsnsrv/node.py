@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,13 +21,15 @@ import attrs
 
 from .auth import auth_key_for_login
 from .config import ServiceConfig
-from .localapi import NOTIFY_INITIAL_HEALTH, NOTIFY_INITIAL_STATE, LocalAPI
+from .localapi import NOTIFY_INITIAL_HEALTH, NOTIFY_INITIAL_STATE, LocalAPI, LocalAPIError, TailscaledUnreachable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTROL_URL = "https://controlplane.tailscale.com"
 FUNNEL_PORTS_CAP = "https://tailscale.com/cap/funnel-ports"
 PROXY_PROTOCOL_V2 = 2
+CONTROL_POLL_SECONDS = 5.0
+CONTROL_LOST = "control-unreachable"
 
 
 class NodeError(Exception):
@@ -201,25 +204,59 @@ class Node:
 
     async def watch(self) -> None:
         """Follow the node's state and health until tailscaled goes away (then raises)."""
-        async for note in self.api.watch_ipn_bus(NOTIFY_INITIAL_STATE | NOTIFY_INITIAL_HEALTH):
-            if (state := note.get("State")) is not None:
-                self._state_changed(_state_name(state))
-            if (url := note.get("BrowseToURL")) and url != self._printed_url:
-                self._printed_url = url
-                _banner(url, self.cfg.name)
-            if (health := note.get("Health")) is not None:
-                self._health_changed(health.get("Warnings") or {})
-        raise ConnectionError("tailscaled closed the IPN bus")
+        control = asyncio.create_task(self._watch_control())
+        try:
+            async for note in self.api.watch_ipn_bus(NOTIFY_INITIAL_STATE | NOTIFY_INITIAL_HEALTH):
+                if (state := note.get("State")) is not None:
+                    self._state_changed(_state_name(state))
+                if (url := note.get("BrowseToURL")) and url != self._printed_url:
+                    self._printed_url = url
+                    _banner(url, self.cfg.name)
+                if (health := note.get("Health")) is not None:
+                    self._health_changed(health.get("Warnings") or {})
+            raise ConnectionError("tailscaled closed the IPN bus")
+        finally:
+            control.cancel()
+
+    async def _watch_control(self) -> None:
+        """Say when the node loses and regains its control server.
+
+        tailscaled raises no health warning for that (it keeps forwarding with the last
+        network map); only `Self.Online` in its status tells."""
+        lost_at: float | None = None
+        while True:
+            await asyncio.sleep(CONTROL_POLL_SECONDS)
+            try:
+                status = await self.api.status(peers=False)
+            except (TailscaledUnreachable, LocalAPIError):
+                continue  # the IPN bus watch notices a dead tailscaled
+            online = bool((status.get("Self") or {}).get("Online"))
+            if not online and lost_at is None:
+                lost_at = time.monotonic()
+                log.warning("lost contact with the control server (%s): still serving with the last network map, "
+                            "but new peers and policy changes will not arrive until it is back",
+                            self.cfg.login_server_url or DEFAULT_CONTROL_URL)
+                self._publish_warnings({**self.health_warnings, CONTROL_LOST: "control server unreachable"})
+            elif online and lost_at is not None:
+                log.info("back in contact with the control server after %.0fs", time.monotonic() - lost_at)
+                lost_at = None
+                self._publish_warnings({code: text for code, text in self.health_warnings.items()
+                                        if code != CONTROL_LOST})
 
     def _health_changed(self, warnings: dict[str, Any]) -> None:
         """Log what became unhealthy (control server unreachable, no DERP, ...) and what recovered."""
         current = {code: (w.get("Text") or w.get("Title") or code).strip() for code, w in warnings.items()
                    if w.get("Severity") != "low"}
+        if CONTROL_LOST in self.health_warnings:
+            current[CONTROL_LOST] = self.health_warnings[CONTROL_LOST]
         for code, text in current.items():
             if code not in self.health_warnings:
                 log.warning("tailnet health: %s (%s)", text, code)
         for code in self.health_warnings.keys() - current.keys():
             log.info("tailnet health: %s recovered", code)
+        self._publish_warnings(current)
+
+    def _publish_warnings(self, current: dict[str, str]) -> None:
         if current != self.health_warnings:
             self.health_warnings = current
             self._on_warnings(current)

@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
 NLMSG_ERROR = 0x2
+NLMSG_DONE = 0x3
+# TCP states (include/net/tcp_states.h) in which a connection still carries data.
+TCP_UNFINISHED = {1: "ESTABLISHED", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 8: "CLOSE_WAIT", 9: "LAST_ACK", 11: "CLOSING"}
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 
 NLMSGHDR = struct.Struct("=IHHII")
@@ -72,6 +76,37 @@ def tcp_socket_owner(local: tuple[str, int], remote: tuple[str, int]) -> SocketO
         raise PeerLookupError(f"unexpected sock_diag reply type {kind}")
     uid, inode = MSG_UID_INODE.unpack_from(reply, NLMSGHDR.size + MSG_UID_OFFSET)
     return SocketOwner(uid, inode)
+
+
+def unfinished_connections(local: tuple[str, int]) -> int:
+    """How many TCP connections on the listening address `local` are not yet closed by both ends.
+
+    After tsnsrv closes a front connection, tailscaled still has to hand the last bytes
+    to the client; it closes its end once the client has them and has hung up."""
+    family, _ = _packed(local[0])
+    states = sum(1 << state for state in TCP_UNFINISHED)
+    request = (REQUEST.pack(family, socket.IPPROTO_TCP, 0, states)
+               + SOCKID.pack(0, 0, bytes(16), bytes(16)) + SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+    message = (NLMSGHDR.pack(NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+               + request)
+    _, want_src = _packed(local[0])
+    count = 0
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+        nl.sendto(message, (0, 0))
+        while True:
+            reply = nl.recv(65536)
+            offset = 0
+            while offset < len(reply):
+                length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(reply, offset)
+                if kind == NLMSG_DONE:
+                    return count
+                if kind == NLMSG_ERROR:
+                    errno = -struct.unpack_from("=i", reply, offset + NLMSGHDR.size)[0]
+                    raise PeerLookupError(f"sock_diag dump failed: {os.strerror(errno)}")
+                sport, _dport, src, _dst = SOCKID.unpack_from(reply, offset + NLMSGHDR.size + 4)
+                if sport == local[1] and src == want_src:
+                    count += 1
+                offset += (length + 3) & ~3
 
 
 class TailscaledPeerCheck:

@@ -25,7 +25,7 @@ from yarl import URL
 from .access import AccessPolicy, Identity, PathPolicy, clean_path
 from .config import ServiceConfig
 from .front import Peer
-from .identity import WhoisCache, is_spoofable, serve_headers, tsnsrv_headers
+from .identity import IdentityUnavailable, WhoisCache, is_spoofable, serve_headers, tsnsrv_headers
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,19 @@ def upstream_ssl_context(cfg: ServiceConfig) -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_NONE
     context.set_ciphers("ALL:@SECLEVEL=0" if cfg.upstream_allow_insecure_ciphers else FORWARD_SECRET_CIPHERS)
     return context
+
+
+def origin_form(target: str) -> str | None:
+    """The request target as path and query; None if it is not one.
+
+    HTTP/1.1 servers must accept the absolute form (`GET http://host/path`); its path is
+    what prefixes and rules must see, or `http://books/admin` would slip past them."""
+    if target.startswith("/"):
+        return target
+    split = urlsplit(target)
+    if split.scheme.lower() in ("http", "https") and split.netloc:
+        return (split.path or "/") + (f"?{split.query}" if split.query else "")
+    return None
 
 
 def join_url_path(base: str, raw_path: str) -> str:
@@ -188,23 +201,32 @@ class Proxy:
         request, peer = exchange.request, exchange.peer
         if request.method == "CONNECT":
             return self._deny(exchange, 405, "method", "CONNECT is not proxied")
-        raw_path, _, raw_query = request.raw_path.partition("?")
-        if raw_path.startswith("/"):
-            decoded = unquote(raw_path)
-            clean = clean_path(decoded)
-            if clean != decoded:
-                location = quote(clean) + ("?" + raw_query if raw_query else "")
-                exchange.note = "redirected to clean path"
-                return web.Response(status=301, headers={"Location": location})
+        target = origin_form(request.raw_path)
+        if target is None:
+            return self._deny(exchange, 400, "target", f"request target {request.raw_path[:100]!r} is not a path",
+                              "400 Bad Request: the request target must be a path.")
+        raw_path, _, raw_query = target.partition("?")
+        decoded = unquote(raw_path)
+        clean = clean_path(decoded)
+        if clean != decoded:
+            location = quote(clean) + ("?" + raw_query if raw_query else "")
+            exchange.note = "redirected to clean path"
+            return web.Response(status=301, headers={"Location": location})
         path_decision = self.paths.decide(raw_path, peer.provenance)
         if not path_decision.allowed:
             return self._deny(exchange, 404, "prefix", path_decision.reason)
 
-        identity = None
+        identity, identity_unavailable = None, False
         if self.whois is not None and not peer.is_funnel:
-            identity = await self.whois.lookup(peer.address)
+            try:
+                identity = await self.whois.lookup(peer.address)
+            except IdentityUnavailable:
+                identity_unavailable = True
         exchange.identity = identity
-        access = self.access.decide(unquote(raw_path), peer.provenance, identity)
+        access = self.access.decide(decoded, peer.provenance, identity, identity_unavailable)
+        if access.unavailable:
+            return self._deny(exchange, 503, "identity_unavailable", access.reason,
+                              f"503 Service Unavailable: {self.cfg.name} could not check who you are; try again.")
         if not access.allowed:
             return self._deny(exchange, 403, "access_rule", access.reason,
                               f"403 Forbidden: {self._who(exchange)} may not use {self.cfg.name} here.")

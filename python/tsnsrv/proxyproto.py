@@ -36,6 +36,8 @@ class ProxyHeader:
 
 
 def parse(header: bytes, payload: bytes) -> ProxyHeader:
+    if len(header) != HEADER.size:
+        raise ProxyHeaderError(f"PROXY header cut short: {len(header)} of {HEADER.size} bytes")
     signature, version_command, family_transport, _length = HEADER.unpack(header)
     if signature != SIGNATURE:
         raise ProxyHeaderError("connection did not start with a PROXY v2 header")

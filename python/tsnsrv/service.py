@@ -34,7 +34,7 @@ from .identity import WhoisCache
 from .localapi import LocalAPI, LocalAPIError, TailscaledUnreachable, daemon_credentials
 from .metrics import Metrics
 from .node import Node, NodeError
-from .peercheck import TailscaledPeerCheck
+from .peercheck import PeerLookupError, TailscaledPeerCheck, unfinished_connections
 from .proxy import Proxy
 from .systemd import Notifier
 from .tailscaled import SpawnedTailscaled, StateDirLock, TailscaledStartError
@@ -43,6 +43,7 @@ from .tlscerts import CertificateError, CertificateKeeper, LoadedCertificate, fi
 log = logging.getLogger("tsnsrv")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+DELIVERY_GRACE_SECONDS = 5.0
 MAX_BACKOFF = 30.0
 
 
@@ -186,6 +187,7 @@ class Service:
         loop.add_signal_handler(signal.SIGHUP, self._reload_certificate)
 
         self.api = LocalAPI(socket_path)
+        self.health.tailscaled_socket = str(socket_path)
         whois = None if cfg.suppress_whois else WhoisCache(self.api.whois, cfg.whois_timeout, self.metrics)
         self.proxy = Proxy(cfg, whois, self.metrics)
         self.control = ControlServer(self.health, self.metrics, self._probe_upstream)
@@ -389,6 +391,24 @@ class Service:
             self.notifier.watchdog()
             await asyncio.sleep(self.notifier.watchdog_interval)
 
+    async def _let_tailscaled_deliver(self) -> None:
+        """Keep tailscaled up until it has handed the last responses to their clients.
+
+        Stopping it the moment our handlers finish would drop bytes still on their way
+        through its netstack; it closes each front connection once its client has them."""
+        deadline = time.monotonic() + DELIVERY_GRACE_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                open_connections = sum(unfinished_connections((listener.address, listener.port))
+                                       for listener in self.forwards.values())
+            except (OSError, PeerLookupError) as exc:
+                log.warning("cannot tell whether tailscaled delivered the last responses: %s", exc)
+                return
+            if not open_connections:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("stopping tailscaled with front connections still open after %gs", DELIVERY_GRACE_SECONDS)
+
     async def shutdown(self) -> None:
         self.health.stopping = True
         self.notifier.stopping("stopping: finishing in-flight requests")
@@ -398,6 +418,7 @@ class Service:
         await self.proxy.close_websockets()
         await asyncio.gather(*(listener.web_server.shutdown(self.cfg.shutdown_timeout)
                                for listener in self.forwards.values()))
+        await self._let_tailscaled_deliver()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

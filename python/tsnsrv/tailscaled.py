@@ -30,7 +30,11 @@ daemon_log = logging.getLogger("tsnsrv.tailscaled")
 
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-SECRET_ENV = ("TS_AUTHKEY", "TS_AUTH_KEY")
+# Kept from the child: secrets it must not see, and systemd's per-process protocol
+# variables (tailscaled speaks sd_notify itself and would tell systemd READY=1 before
+# tsnsrv is ready; the watchdog and socket activation are tsnsrv's, not its child's).
+WITHHELD_ENV = ("TS_AUTHKEY", "TS_AUTH_KEY", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                "LISTEN_PID", "LISTEN_FDNAMES")
 LOG_TIMESTAMP = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d(\.\d+)? ")
 
 
@@ -115,7 +119,7 @@ class SpawnedTailscaled:
         return args
 
     def environment(self, death_fd: int) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items() if key not in SECRET_ENV}
+        env = {key: value for key, value in os.environ.items() if key not in WITHHELD_ENV}
         env["TS_LOGS_DIR"] = str(self.state_dir)
         env["TS_PARENT_DEATH_FD"] = str(death_fd)
         return env

@@ -57,10 +57,10 @@ def certificate_not_after(pem: bytes) -> dt.datetime:
         not_before_end = _der_element(der, validity)[2]
         tag, start, end = _der_element(der, not_before_end)
         stamp = der[start:end].decode("ascii")
+        layout = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime or GeneralizedTime
+        return dt.datetime.strptime(stamp, layout).replace(tzinfo=dt.timezone.utc)
     except (IndexError, ValueError) as exc:
         raise CertificateError(f"cannot read the certificate's expiry: {exc}") from None
-    layout = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime or GeneralizedTime
-    return dt.datetime.strptime(stamp, layout).replace(tzinfo=dt.timezone.utc)
 
 
 def server_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:

@@ -78,5 +78,5 @@ def test_access_rules_tell_users_and_tagged_nodes_apart(make_tsnsrv, upstream, l
 
     denied = bob_phone.curl(f"{base}/admin/")
     assert b"family" in denied.stdout and b"bob" in denied.stdout
-    assert service.metric("tsnsrv_denied_requests_total", 'reason="access_rule"') == 3
+    assert service.metric("tsnsrv_denied_requests_total", 'reason="access_rule"') == 4  # with the one just above
     assert "denied GET /admin/ from bob on phone" in service.log()

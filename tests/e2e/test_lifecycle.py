@@ -57,7 +57,7 @@ def test_without_a_key_the_login_url_is_printed_and_awaited(make_tsnsrv, upstrea
     match = wait_for(lambda: re.search(r"Open this URL to log in:\s+(\S+/register/(\S+))", service.log()), 30,
                      "the login URL banner")
     url, auth_id = match.group(1), match.group(2)
-    assert url.startswith(headscale.url)
+    assert url.startswith(headscale.server_url)
     assert not service.health()["ready"]
     headscale.cli("auth", "register", "--auth-id", auth_id, "--user", "alice")
 

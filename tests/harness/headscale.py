@@ -1,6 +1,12 @@
 """A headscale control server on this machine: plain HTTP, embedded DERP and STUN, sqlite,
 and a file ACL policy that tests can change (headscale reloads it on SIGHUP).
 
+Nodes log in through a relay on 127.0.0.1 (one on the host, one inside each client
+namespace), not at headscale's 198.18.x.y address: tailscale treats a plain-HTTP
+control URL on a non-private IP as possibly public, and after one failed dial it insists
+on port 443 for as long as it keeps retrying, so it would never find a restarted
+headscale again. A loopback URL is "private" and keeps using plain HTTP on its port.
+
 See ../shared/reference/local-tailnet.md for why each setting is what it is.
 """
 
@@ -12,9 +18,12 @@ import subprocess
 import textwrap
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .processes import ManagedProcess, wait_for
+from .processes import ManagedProcess, free_port, wait_for
+
+if TYPE_CHECKING:
+    from .tailnet import NetworkNamespace
 
 # Everyone reaches everything; alice may hand out the tags the tests use.
 ALLOW_ALL_POLICY: dict[str, Any] = {
@@ -30,18 +39,35 @@ class Headscale:
         self.listen_ip = listen_ip
         self.port = port
         self.stun_port = stun_port
-        self.url = f"http://{listen_ip}:{port}"
+        self.server_url = f"http://{listen_ip}:{port}"  # what headscale calls itself (login URLs, DERP)
+        self.relay_port = free_port()
+        self.url = f"http://127.0.0.1:{self.relay_port}"  # what nodes log in to
         self.config_path = workdir / "config.yaml"
         self.policy_path = workdir / "policy.hujson"
         self.process = ManagedProcess("headscale", [str(binary), "-c", str(self.config_path), "serve"],
                                       workdir / "headscale.log")
+        self._relays = [self._relay(None)]
         self._users: dict[str, int] = {}
+
+    def _relay(self, netns: NetworkNamespace | None) -> ManagedProcess:
+        argv = ["socat", f"TCP-LISTEN:{self.relay_port},bind=127.0.0.1,fork,reuseaddr",
+                f"TCP:{self.listen_ip}:{self.port}"]
+        name = f"headscale-relay-{netns.name if netns else 'host'}"
+        return ManagedProcess(name, netns.command(argv) if netns else argv, self.dir / f"{name}.log")
+
+    def relay_into(self, netns: NetworkNamespace) -> None:
+        """Make `url` work inside `netns` too."""
+        relay = self._relay(netns)
+        relay.start()
+        self._relays.append(relay)
+        wait_for(lambda: subprocess.run(netns.command(["curl", "-sf", f"{self.url}/health"]),
+                                        capture_output=True).returncode == 0, 30, f"the headscale relay in {netns.name}")
 
     def write_config(self, policy: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         d = self.dir
         self.config_path.write_text(textwrap.dedent(f"""\
-            server_url: {self.url}
+            server_url: {self.server_url}
             listen_addr: {self.listen_ip}:{self.port}
             noise:
               private_key_path: {d}/noise_private.key
@@ -95,6 +121,8 @@ class Headscale:
         self.policy_path.write_text(json.dumps(policy, indent=2))
 
     def start(self) -> Headscale:
+        if not self._relays[0].running:
+            self._relays[0].start()
         self.process.start()
         wait_for(self._healthy, 30, "headscale /health")
         return self
@@ -106,7 +134,13 @@ class Headscale:
             return resp.status == 200
 
     def stop(self) -> None:
+        """Stop headscale itself; the relays stay, as a load balancer in front of it would."""
         self.process.stop()
+
+    def close(self) -> None:
+        self.stop()
+        for relay in self._relays:
+            relay.stop()
 
     def restart(self) -> None:
         self.stop()

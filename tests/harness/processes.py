@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +12,12 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
 
 # Every process started in a test session, so a failing test can show their logs.
 STARTED: list[ManagedProcess] = []

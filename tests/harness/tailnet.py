@@ -134,9 +134,19 @@ class TailscaleNode:
         peers = (self.status().get("Peer") or {}).values()
         return any(address in (peer.get("TailscaleIPs") or ()) and peer.get("Online") for peer in peers)
 
+    def reaches(self, address: str) -> bool:
+        """A TSMP ping travels inside WireGuard: it answers only once both ends have
+        each other in their netmaps and a handshake has completed."""
+        return subprocess.run(self.cli_argv("ping", "--tsmp", "--c=1", "--timeout=2s", address),
+                              capture_output=True, timeout=10).returncode == 0
+
     def wait_for_peer(self, address: str, timeout: float = 30) -> None:
-        """Until this node sees the peer online: before that it has no route to it."""
+        """Until this node sees the peer online and a packet gets through to it.
+
+        "Online" alone comes from the control server; the peer may not have learned
+        about this node yet and would drop its first packets."""
         wait_for(lambda: self.sees_online(address), timeout, f"{self.name} to see {address} online")
+        wait_for(lambda: self.reaches(address), timeout, f"{self.name} to reach {address} through WireGuard")
 
     @property
     def ipv4(self) -> str:

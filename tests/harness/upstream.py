@@ -41,11 +41,11 @@ def pattern_sha256(size: int) -> str:
 
 
 class Upstream:
-    def __init__(self, unix_socket: Path | None = None, ssl_context: ssl.SSLContext | None = None):
+    def __init__(self, unix_socket: Path | None = None, ssl_context: ssl.SSLContext | None = None, port: int = 0):
         self.unix_socket = unix_socket
         self.ssl_context = ssl_context
         self.requests: list[dict[str, Any]] = []
-        self.port = 0
+        self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -91,7 +91,7 @@ class Upstream:
         app.router.add_route("*", "/{tail:.*}", self._echo)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context, reuse_address=True)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         if self.unix_socket is not None:

@@ -352,18 +352,11 @@ def test_every_option_has_a_flag_and_help():
                 assert "--no-" + flag[2:] in flags, key
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Duration is documented as 'a number of seconds or a Go duration "
-                                       "string', and JSON numbers work, but on the command line a bare number "
-                                       "(--timeout 30) arrives as the string \"30\" and is refused; cli._from_flags "
-                                       "converts only int fields")
 def test_cli_duration_as_bare_seconds():
     cfg = cli.load_from_argv(["--name", "books", "--read-header-timeout", "30", "http://x"])
     assert cfg.read_header_timeout == 30.0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (validation gap): with suppressWhois no identity is ever looked up, so "
-                                       "identity selectors in accessRules can never match: an allow rule silently "
-                                       "locks everyone out and a deny rule silently lets everyone in; load() accepts it")
 def test_identity_rules_without_whois_are_refused():
     problems = problems_of({**MINIMAL, "suppressWhois": True, "accessRules": ["deny /admin user:bob@example.com"]})
     assert len(problems) == 1 and "suppressWhois" in problems[0]

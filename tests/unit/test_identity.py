@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from tsnsrv import identity as identity_module
 from tsnsrv.access import Identity
 from tsnsrv.identity import (
+    IdentityUnavailable,
     WhoisCache,
     _q_encode,
     is_spoofable,
@@ -289,10 +290,11 @@ async def test_unknown_addresses_are_cached_as_no_identity(clock):
 
 
 @pytest.mark.asyncio
-async def test_failures_are_not_cached(clock):
+async def test_failures_are_reported_and_not_cached(clock):
     whois, metrics = FakeWhois(fail={"100.64.0.3"}), Metrics()
     cache = WhoisCache(whois, timeout=1, metrics=metrics)
-    assert await cache.lookup("100.64.0.3") is None
+    with pytest.raises(IdentityUnavailable):
+        await cache.lookup("100.64.0.3")
     whois.fail.clear()
     assert await cache.lookup("100.64.0.3") == Identity.from_whois(USER_WHOIS)
     assert whois.count("100.64.0.3") == 2
@@ -329,10 +331,6 @@ async def test_least_recently_used_entry_is_evicted(clock):
     assert whois.count("100.64.0.2") == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: WhoisCache._ask re-stores a refreshed (expired) entry with "
-                                       "`self._entries[address] = ...`, which keeps its old OrderedDict position; "
-                                       "the freshly looked-up address is then evicted first (before an expired, "
-                                       "older entry) and looked up again")
 @pytest.mark.asyncio
 async def test_a_refreshed_entry_counts_as_recently_used(clock):
     whois = FakeWhois()
@@ -348,11 +346,6 @@ async def test_a_refreshed_entry_counts_as_recently_used(clock):
     assert whois.count("100.64.0.1") == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when the request that started a whois lookup is cancelled (its client "
-                                       "hung up; front uses handler_cancellation), WhoisCache.lookup's finally "
-                                       "resolves the shared future with None, so every concurrent request from the "
-                                       "same address proceeds without identity (no identity headers, and "
-                                       "`deny ... user:X` rules do not match)")
 @pytest.mark.asyncio
 async def test_a_cancelled_first_caller_does_not_cost_the_others_their_identity(clock):
     whois = FakeWhois()

@@ -86,15 +86,6 @@ def test_runtime_dir_and_control_socket(env):
     assert paths.runtime_dir(cfg("books")) == Path("/run/tsnsrv-books")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (inconsistency): under $STATE_DIRECTORY each name gets its own "
-                                       "subdirectory, but under $RUNTIME_DIRECTORY runtime_dir() is the directory "
-                                       "itself, so two services sharing one unit's RuntimeDirectory (e.g. a "
-                                       "template unit) share control.sock and tailscaled.sock")
-def test_two_names_never_share_a_runtime_dir_under_systemd(env):
-    env.setenv("RUNTIME_DIRECTORY", "/run/tsnsrv")
-    assert paths.control_socket(cfg("books")) != paths.control_socket(cfg("home"))
-
-
 def test_control_sockets_on_this_machine_finds_only_sockets(env, tmp_path):
     base = tmp_path / "rt"
     env.setattr(paths, "runtime_base", lambda: base)

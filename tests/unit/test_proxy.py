@@ -173,10 +173,6 @@ async def test_access_rules_see_the_decoded_path(tmp_path):
     assert (await handle(proxy, "/%61dmin")).status == 403
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an absolute-form request target (`GET http://books/admin HTTP/1.1`, "
-                                       "which aiohttp accepts) skips path cleaning, deny prefixes and access rules "
-                                       "because its raw path does not start with '/'; the request goes upstream "
-                                       "(here: 502 from a missing upstream) instead of being refused")
 @pytest.mark.asyncio
 async def test_absolute_form_targets_do_not_bypass_deny_prefixes_and_rules(tmp_path):
     proxy = make_proxy(tmp_path, {"100.64.0.5": BOB_WHOIS}, denyPrefixes=["/admin"],
@@ -185,10 +181,6 @@ async def test_absolute_form_targets_do_not_bypass_deny_prefixes_and_rules(tmp_p
     assert response.status in (400, 403, 404)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (fails open): when whois fails for a tailnet client, identity is None "
-                                       "and access.rule_matches() says a rule with selectors does not match, so "
-                                       "`deny /admin user:bob@example.com` lets bob through whenever tailscaled's "
-                                       "whois errors or times out (the request goes upstream: 502 here)")
 @pytest.mark.asyncio
 async def test_deny_rules_by_identity_fail_closed_when_whois_fails(tmp_path):
     cfg = load({"name": "books", "toURL": "http://127.0.0.1:8083/", "upstreamUnixAddr": str(tmp_path / "none.sock"),

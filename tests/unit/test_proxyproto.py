@@ -130,10 +130,6 @@ def test_arbitrary_bytes_after_a_valid_prefix_raise_only_the_modules_error(tail)
     assert len(data) - 16 >= 12 and parsed.source.version == 4
 
 
-@pytest.mark.xfail(strict=True, raises=struct.error,
-                   reason="BUG (robustness): parse() given a truncated fixed header (fewer than 16 bytes) raises "
-                          "struct.error instead of ProxyHeaderError; read() always passes 16 bytes, so only direct "
-                          "callers of parse() are affected")
 def test_truncated_fixed_header_raises_the_modules_error():
     with pytest.raises(ProxyHeaderError):
         parse(SIGNATURE[:7], b"")

@@ -105,10 +105,6 @@ def test_truncated_certificate_raises_certificate_error(ca):
         certificate_not_after(truncated)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="BUG (robustness): certificate_not_after() parses the time stamp with strptime outside "
-                          "its try block, so a well-formed DER whose notAfter is not a valid time raises a bare "
-                          "ValueError instead of CertificateError")
 def test_garbled_not_after_raises_certificate_error(ca):
     expiry = dt.datetime(2031, 6, 1, 12, 34, 56, tzinfo=UTC)
     cert_pem, _ = pem_pair(issue(ca, expiry))
