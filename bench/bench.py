@@ -467,6 +467,10 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.profile = dict(PROFILES["quick" if args.quick else "full"])
+        if args.rounds:
+            self.profile["rounds"] = args.rounds
+        if args.seconds:
+            self.profile["wrk_seconds"] = args.seconds
         self.bin_dir: Path = args.bin_dir
         self.go_tsnsrv: Path = args.go_tsnsrv
         self.extra_tsnsrv_args: list[str] = args.tsnsrv_arg or []
@@ -481,6 +485,7 @@ class Bench:
         self.runs: list[dict[str, Any]] = []
         self.processes: dict[str, list[tuple[int, str, int]]] = {}
         self.last_proxy_growth_mib = 0.0
+        self.last_proxy_cpu = 0.0
         self.notes: list[str] = []
         self.candidates: dict[str, Candidate] = {}
         self.auth_key = ""
@@ -512,9 +517,12 @@ class Bench:
                                        free_port(self.netns.host_ip),
                                        free_port(self.netns.host_ip, socket.SOCK_DGRAM))
             self.headscale.write_config(ALLOW_ALL_POLICY)
-            self.stack.append(self.headscale.start())
+            self.stack.append(self.headscale)
+            self.headscale.start()
             self.auth_key = self.headscale.auth_key("alice")
         with step("client device (kernel-TUN tailscaled in the namespace)"):
+            if hasattr(self.headscale, "relay_into"):  # newer harness: nodes log in through a loopback relay
+                self.headscale.relay_into(self.netns)
             self.laptop = TailscaleNode("laptop", self.bin_dir, self.work / "laptop", self.netns).start()
             self.stack.append(self.laptop)
             self.laptop.up(self.headscale.url, self.auth_key)
@@ -532,6 +540,8 @@ class Bench:
             with contextlib.suppress(Exception):
                 if isinstance(part, NetworkNamespace):
                     part.destroy()
+                elif hasattr(part, "close"):  # headscale with its relays (newer harness)
+                    part.close()
                 else:
                     part.stop()
         for process in STARTED:
@@ -570,10 +580,12 @@ class Bench:
         url = candidate.url("/small.bin")
         argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s", "--latency", url]
         tree = candidate.tree()
-        cpu_before = cpu_seconds(tree)
+        proxy = [pid for pid in tree if comm(pid) != "tailscaled"]
+        cpu_before, proxy_before = cpu_seconds(tree), cpu_seconds(proxy)
         with RssSampler(candidate.roots) as sampler:
             result = self.client.run(argv, timeout=seconds + 60)
         cpu = cpu_seconds(tree) - cpu_before
+        self.last_proxy_cpu = cpu_seconds(proxy) - proxy_before
         output = result.stdout.decode(errors="replace")
         if result.returncode != 0:
             raise RuntimeError(f"wrk failed against {candidate.kind}: {result.stderr.decode(errors='replace')}")
@@ -599,6 +611,8 @@ class Bench:
                     self.record(kind, "rss_peak_load_mib", peak)
                     if stats["requests"]:
                         self.record(kind, f"cpu_per_10k_c{connections}_s", cpu / stats["requests"] * 10_000)
+                        self.record(kind, f"proxy_cpu_per_10k_c{connections}_s",
+                                    self.last_proxy_cpu / stats["requests"] * 10_000)
                     print(f"    {kind:10} {stats['rps']:9.0f} req/s  p50 {stats.get('p50_ms', 0):7.2f} ms  "
                           f"p99 {stats.get('p99_ms', 0):7.2f} ms  cpu {cpu:5.1f}s  errors {stats['errors']:.0f}",
                           flush=True)
@@ -674,7 +688,7 @@ class Bench:
         self.warmup()
         for round_index in range(self.profile["rounds"]):
             self.small_gets(round_index)
-        for round_index in range(self.profile["transfer_rounds"]):
+        for round_index in range(0 if self.args.skip_transfers else self.profile["transfer_rounds"]):
             self.transfers(round_index)
         for kind, candidate in self.candidates.items():
             self.record(kind, "rss_idle_after_load_mib", candidate.rss_kib() / 1024)
@@ -688,7 +702,8 @@ class Bench:
                                   "(tsnsrv_refused_connections_total; see its log)")
         if self.args.profile:
             self.profile_ours()
-        self.startups()
+        if not self.args.skip_startup:
+            self.startups()
         noise_after = machine_noise()
         for kind in self.kinds:
             for metric in ("start_existing_s", "start_fresh_s"):
@@ -720,16 +735,17 @@ class Bench:
         if not Path(py_spy).exists():
             print("    (py-spy not installed in the venv: skipping --profile)", flush=True)
             return
-        ours = self.candidates["tsnsrv"]
+        ours = self.candidates[self.args.profile_target]
         pid = ours.roots()[0]
         out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
         seconds = self.profile["wrk_seconds"]
         for label, action in (
             ("c64", lambda: self.wrk(ours, 64, seconds)),
             ("download", lambda: self.transfer(ours, upload=False)),
             ("upload", lambda: self.transfer(ours, upload=True)),
         ):
-            with step(f"profiling tsnsrv under {label}"):
+            with step(f"profiling {ours.kind} under {label}"):
                 raw = self.work / f"profile-{label}.txt"
                 spy = subprocess.Popen([py_spy, "record", "-p", str(pid), "-r", "200", "-f", "raw", "-o", str(raw),
                                         "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -738,7 +754,9 @@ class Bench:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(30)
                 if raw.exists():
-                    (out / f"profile-{label}.md").write_text(summarize_profile(raw.read_text(), label))
+                    name = f"profile-{label}" if ours.kind == "tsnsrv" else f"profile-{ours.kind}-{label}"
+                    (out / f"{name}.md").write_text(summarize_profile(raw.read_text(), f"{ours.kind}, {label}"))
+                    shutil.copy(raw, out / f"{name}.collapsed")
 
 
 def summarize_profile(collapsed: str, label: str, top: int = 25) -> str:
@@ -752,11 +770,12 @@ def summarize_profile(collapsed: str, label: str, top: int = 25) -> str:
             continue
         count = int(count_text)
         total += count
-        frames = [re.sub(r" \((/[^)]*/)?([^/)]+)\)", r" (\2)", frame) for frame in stack.split(";")]
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
         self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
         for frame in set(frames):
             incl_counts[frame] = incl_counts.get(frame, 0) + count
-    lines = [f"# py-spy profile of tsnsrv under {label}", "", f"{total} samples (200 Hz, idle included).", "",
+    lines = [f"# py-spy profile of tsnsrv under {label}", "", f"{total} samples of the main thread at 200 Hz, idle time excluded "
+             "(py-spy's default), so percentages are of busy time. Lines folded into functions.", "",
              "## Self time", "", "| % | function |", "| ---: | --- |"]
     for frame, count in sorted(self_counts.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| {100 * count / max(total, 1):.1f} | `{frame}` |")
@@ -810,6 +829,7 @@ ROWS: list[tuple[str, str, str, int]] = [
     ("proxy_rss_growth_upload_mib", "RSS growth without tailscaled, upload (MiB)", "low", 1),
     ("cpu_per_10k_c64_s", "CPU seconds per 10k requests (c=64)", "low", 2),
     ("cpu_per_10k_c1_s", "CPU seconds per 10k requests (c=1)", "low", 2),
+    ("proxy_cpu_per_10k_c64_s", "CPU seconds per 10k requests without tailscaled (c=64)", "low", 2),
     ("start_existing_s", "start to first client request, existing state, median (s)", "low", 2),
     ("start_existing_min_s", "start to first client request, existing state, best (s)", "low", 2),
     ("start_fresh_s", "start to first client request, fresh state, median (s)", "low", 2),
@@ -924,7 +944,7 @@ def markdown(result: dict[str, Any], machine: dict[str, str]) -> str:
         "- RSS: summed VmRSS of the footprint's process tree, sampled every 100 ms; growth = peak during a transfer "
         "minus RSS just before it (the maximum over rounds). \"Without tailscaled\": ours = the Python process alone; "
         "go-tsnsrv = its whole process (tsnet is inside it); limit = nothing. CPU: utime+stime deltas of the "
-        "footprint over a wrk run / requests × 10,000.",
+        "footprint over a wrk run / requests × 10,000 (\"without tailscaled\" as for RSS).",
         "- start: from spawning the process(es) (limit: tailscaled, then `tailscale up` and `tailscale serve` on "
         "a fresh state) until curl on the client gets its first 200; fresh = new state and node, existing = "
         "restart on the state of the previous run. The client polls with 1 s curl attempts. When its first "
@@ -998,7 +1018,9 @@ def machine_description(bench: Bench) -> dict[str, str]:
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
         "tsnsrv (ours)": f"{command_output([tsnsrv_command(), '--version'])} (repo commit "
-                         f"{command_output(['git', '-C', str(REPO), 'rev-parse', '--short', 'HEAD'])})",
+                         f"{command_output(['git', '-C', str(REPO), 'rev-parse', '--short', 'HEAD'])}"
+                         + (", with uncommitted changes in python/" if command_output(
+                             ['git', '-C', str(REPO), 'status', '--porcelain', '--', 'python']) else "") + ")",
         "go-tsnsrv": (source.read_text().strip().replace("\n", "; ") if source.exists() else str(bench.go_tsnsrv)),
         "go-tsnsrv build": command_output(["go", "version", str(bench.go_tsnsrv)]),
         "go-tsnsrv tailscale.com": next((line.split()[-2] for line in
@@ -1030,12 +1052,18 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     parser.add_argument("--profile", action="store_true",
                         help="also record py-spy profiles of our tsnsrv (needs py-spy in the venv)")
+    parser.add_argument("--profile-target", choices=("tsnsrv", "variant"), default="tsnsrv",
+                        help="which of ours to profile with --profile")
     parser.add_argument("--tsnsrv-arg", action="append", metavar="ARG",
                         help="extra argument for our tsnsrv, repeatable (to compare settings)")
     parser.add_argument("--variant-env", action="append", metavar="KEY=VALUE",
                         help="add a fourth candidate: ours with this environment variable, repeatable")
     parser.add_argument("--variant-arg", action="append", metavar="ARG",
                         help="add a fourth candidate: ours with this extra argument, repeatable")
+    parser.add_argument("--rounds", type=int, help="rounds of small GETs (overrides the mode's)")
+    parser.add_argument("--seconds", type=float, help="seconds per wrk run (overrides the mode's)")
+    parser.add_argument("--skip-transfers", action="store_true", help="no big downloads/uploads (for A/B runs)")
+    parser.add_argument("--skip-startup", action="store_true", help="no start-up timing rounds (for A/B runs)")
     parser.add_argument("--keep-work", action="store_true", help="keep the work directory (logs) afterwards")
     args = parser.parse_args()
     if os.geteuid() != 0:
