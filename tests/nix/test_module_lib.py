@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(
     not LIB, reason="TSNSRV_NIXPKGS_LIB is not set: the module is not evaluated with the real nixpkgs lib "
                     "(point it at the lib/ directory of github.com/nix-community/nixpkgs.lib)")
 
-# The blog post's setup, as in docs/nixos.md.
+# The blog post's setup, as in README.md.
 BLOG = """{
   services.tsnsrv = {
     enable = true;

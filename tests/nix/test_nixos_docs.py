@@ -1,4 +1,4 @@
-"""docs/nixos.md agrees with the module: its options table is generated from it, every
+"""README.md agrees with the module: its options table is generated from it, every
 Nix example parses, and (with a nixpkgs lib) the blog post's configuration evaluates."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import options_table
 from nixtools import REPO, TESTS, TSNSRV, nix_eval, nix_string, run_nix
 
-DOC = REPO / "docs" / "nixos.md"
+DOC = REPO / "README.md"
 
 
 def nix_blocks() -> list[str]:
@@ -23,7 +23,7 @@ def nix_blocks() -> list[str]:
 def test_options_table_is_generated_from_the_module() -> None:
     document = DOC.read_text()
     assert options_table.splice(document) == document, (
-        "docs/nixos.md's options table is stale: run `python tests/nix/options_table.py --write docs/nixos.md`")
+        "README.md's options table is stale: run `python tests/nix/options_table.py --write README.md`")
 
 
 def test_options_table_lists_every_option() -> None:
@@ -37,7 +37,7 @@ def test_nix_examples_parse(index: int, tmp_path) -> None:
     path = tmp_path / "example.nix"
     path.write_text(nix_blocks()[index])
     result = run_nix(["--parse", str(path)])
-    assert result.returncode == 0, f"example {index} of docs/nixos.md does not parse:\n{result.stderr}"
+    assert result.returncode == 0, f"example {index} of README.md does not parse:\n{result.stderr}"
 
 
 def tsnsrv_settings(block: str) -> str:
