@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import pwd
+import resource
 import shutil
 import signal
 import stat
@@ -77,6 +78,15 @@ def run(cfg: ServiceConfig) -> int:
         return asyncio.run(service.main())
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def raise_open_file_limit() -> None:
+    """Every proxied connection holds two descriptors (client and upstream side); the
+    soft limit systemd and shells start us with (1024) would cap a service at ~500 open
+    websockets. The hard limit is ours to take, as Go programs do by themselves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Service:
@@ -181,6 +191,7 @@ class Service:
         except StartupProblem as exc:
             print_problems("cannot start with this configuration", str(exc).splitlines())
             return EXIT_CONFIG
+        raise_open_file_limit()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
