@@ -23,7 +23,11 @@ ENV_VARS = ("TS_AUTHKEY", "TS_AUTH_KEY")
 
 
 class AuthKeyError(Exception):
-    pass
+    """The credential cannot work as given: fix the configuration (exit status 2)."""
+
+
+class OAuthUnavailable(Exception):
+    """The OAuth API could not be reached or failed on its side: worth retrying (exit status 1)."""
 
 
 @attrs.frozen
@@ -101,8 +105,7 @@ async def mint_auth_key(secret: OAuthSecret, tags: list[str], timeout: float = 3
             async with session.post(token_url, data={"grant_type": "client_credentials"},
                                     auth=aiohttp.BasicAuth("tsnsrv", secret.secret)) as resp:
                 if resp.status != 200:
-                    raise AuthKeyError(f"OAuth token request to {token_url} failed: HTTP {resp.status}: "
-                                       f"{(await resp.text())[:200]}")
+                    raise _http_failure(f"OAuth token request to {token_url}", resp.status, await resp.text())
                 token = (await resp.json())["access_token"]
             capabilities = {"devices": {"create": {"reusable": False, "ephemeral": secret.ephemeral,
                                                    "preauthorized": secret.preauthorized, "tags": tags}}}
@@ -110,11 +113,18 @@ async def mint_auth_key(secret: OAuthSecret, tags: list[str], timeout: float = 3
             async with session.post(keys_url, json={"capabilities": capabilities},
                                     headers={"Authorization": f"Bearer {token}"}) as resp:
                 if resp.status != 200:
-                    raise AuthKeyError(f"creating an auth key at {keys_url} failed: HTTP {resp.status}: "
-                                       f"{(await resp.text())[:200]}")
+                    raise _http_failure(f"creating an auth key at {keys_url}", resp.status, await resp.text())
                 return (await resp.json())["key"]
-        except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
-            raise AuthKeyError(f"OAuth exchange with {secret.base_url} failed: {exc!r}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise OAuthUnavailable(f"OAuth exchange with {secret.base_url} failed: {exc!r}") from None
+        except (KeyError, ValueError) as exc:
+            raise AuthKeyError(f"OAuth exchange with {secret.base_url} gave an unexpected answer: {exc!r}") from None
+
+
+def _http_failure(what: str, status: int, body: str) -> Exception:
+    """A refusal (4xx: wrong secret, tags it may not use) is the configuration's fault."""
+    message = f"{what} failed: HTTP {status}: {body[:200]}"
+    return OAuthUnavailable(message) if status >= 500 or status == 429 else AuthKeyError(message)
 
 
 async def auth_key_for_login(cfg: ServiceConfig) -> str | None:

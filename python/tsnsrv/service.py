@@ -26,7 +26,7 @@ import aiohttp
 
 from . import logs, paths
 from .cli import print_problems
-from .auth import AuthKeyError, find_credential
+from .auth import AuthKeyError, OAuthUnavailable, find_credential
 from .config import ServiceConfig, option_name
 from .confine import Endpoint, resolver_endpoints
 from .control import ControlServer, Health
@@ -45,6 +45,7 @@ log = logging.getLogger("tsnsrv")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DELIVERY_GRACE_SECONDS = 5.0
+LOGIN_WAIT_EXTENSION_SECONDS = 90.0
 MAX_BACKOFF = 30.0
 
 
@@ -223,6 +224,8 @@ class Service:
                          lambda warnings: setattr(self.health, "warnings", dict(warnings)))
         if self.notifier.watchdog_interval:
             self._tasks.append(asyncio.create_task(self._watchdog()))
+        if self.notifier.enabled:
+            self._tasks.append(asyncio.create_task(self._hold_start_open_for_login()))
         lifecycle = asyncio.create_task(self._keep_serving(), name="lifecycle")
         stop = asyncio.create_task(self.stop_requested.wait())
         await asyncio.wait({lifecycle, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -303,6 +306,9 @@ class Service:
             except (NodeError, AuthKeyError, CertificateError) as exc:
                 log.error("%s", exc)
                 return EXIT_CONFIG
+            except OAuthUnavailable as exc:
+                log.error("%s; exiting to be restarted", exc)
+                return EXIT_FAILURE
             except TailscaledStartError as exc:
                 log.error("%s", exc)
                 return EXIT_FAILURE
@@ -395,6 +401,17 @@ class Service:
                         "latencyMs": round((time.perf_counter() - started) * 1000, 1)}
         except Exception as exc:  # noqa: BLE001 - the probe reports any failure
             return {"answers": False, "error": str(exc) or type(exc).__name__}
+
+    async def _hold_start_open_for_login(self) -> None:
+        """A node waiting for someone to open its login URL is not a failed start:
+        keep systemd's start timeout from killing it (and printing a new URL each time)."""
+        extended_until = 0.0
+        while not self.health.ready:
+            waiting = self.health.backend_state in ("NeedsLogin", "NeedsMachineAuth")
+            if waiting and time.monotonic() > extended_until - LOGIN_WAIT_EXTENSION_SECONDS * 2 / 3:
+                self.notifier.extend_start_timeout(LOGIN_WAIT_EXTENSION_SECONDS)
+                extended_until = time.monotonic() + LOGIN_WAIT_EXTENSION_SECONDS
+            await asyncio.sleep(1)
 
     async def _watchdog(self) -> None:
         assert self.notifier.watchdog_interval is not None

@@ -44,6 +44,10 @@ class Notifier:
     def status(self, status: str) -> None:
         self.notify(f"STATUS={status}")
 
+    def extend_start_timeout(self, seconds: float) -> None:
+        """Ask systemd for `seconds` more before it gives up on the start."""
+        self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
     def watchdog(self) -> None:
         self.notify("WATCHDOG=1")
 

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from harness.fake_oauth import FakeTailscaleAPI
+from harness.notify import NotifySocket
 from harness.processes import wait_for
 from harness.tailnet import TailscaleNode
 from harness.tsnsrv import Tsnsrv, tsnsrv_command
@@ -50,8 +51,10 @@ def test_auth_key_from_systemd_credentials(make_tsnsrv, upstream, laptop, headsc
     assert ok(laptop, service)
 
 
-def test_without_a_key_the_login_url_is_printed_and_awaited(make_tsnsrv, upstream, laptop, headscale):
-    service = make_tsnsrv("interactive", upstream.url, auth_key=None, start=False)
+def test_without_a_key_the_login_url_is_printed_and_awaited(make_tsnsrv, upstream, laptop, headscale, service_dir):
+    systemd = NotifySocket(service_dir / "notify.sock")
+    service = make_tsnsrv("interactive", upstream.url, auth_key=None, start=False, workdir=service_dir,
+                          env={"NOTIFY_SOCKET": str(systemd.path)})
     service.start(wait=False)
 
     match = wait_for(lambda: re.search(r"Open this URL to log in:\s+(\S+/register/(\S+))", service.log()), 30,
@@ -59,11 +62,15 @@ def test_without_a_key_the_login_url_is_printed_and_awaited(make_tsnsrv, upstrea
     url, auth_id = match.group(1), match.group(2)
     assert url.startswith(headscale.server_url)
     assert not service.health()["ready"]
+    wait_for(lambda: any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in systemd.flat()), 10,
+             "tsnsrv to ask systemd for more start time while the login waits")
     headscale.cli("auth", "register", "--auth-id", auth_id, "--user", "alice")
 
     service.wait_ready()
     laptop.node.wait_for_peer(service.ip)
     assert ok(laptop, service)
+    assert "READY=1" in systemd.flat()
+    systemd.close()
 
 
 def test_oauth_client_secret_is_exchanged_for_a_tagged_key(make_tsnsrv, upstream, laptop, headscale):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tsnsrv import auth
-from tsnsrv.auth import AuthKeyError, Credential, OAuthSecret, auth_key_for_login, find_credential
+from tsnsrv.auth import (AuthKeyError, Credential, OAuthSecret, OAuthUnavailable, auth_key_for_login,
+                         find_credential)
 from tsnsrv.config import load
 
 
@@ -95,3 +96,38 @@ async def test_oauth_secret_without_tags_is_refused_before_any_request(monkeypat
     monkeypatch.setenv("TS_AUTHKEY", "tskey-client-k-s?baseURL=http://127.0.0.1:9")
     with pytest.raises(AuthKeyError, match="needs tags"):
         await auth_key_for_login(cfg())
+
+
+async def oauth_api(status: int):
+    """A stand-in for the OAuth token endpoint that answers every request with `status`."""
+    from aiohttp import web
+
+    async def refuse(_request):
+        return web.Response(status=status, text="nope")
+    app = web.Application()
+    app.router.add_post("/api/v2/oauth/token", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("status, error", [(401, AuthKeyError), (403, AuthKeyError), (503, OAuthUnavailable),
+                                           (429, OAuthUnavailable)])
+async def test_oauth_refusals_are_configuration_errors_and_outages_are_not(monkeypatch, status, error):
+    runner, port = await oauth_api(status)
+    try:
+        monkeypatch.setenv("TS_AUTHKEY", f"tskey-client-k-s?baseURL=http://127.0.0.1:{port}")
+        with pytest.raises(error, match=f"HTTP {status}"):
+            await auth_key_for_login(cfg(tags=["tag:books"]))
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_oauth_api_is_worth_a_retry(monkeypatch):
+    monkeypatch.setenv("TS_AUTHKEY", "tskey-client-k-s?baseURL=http://127.0.0.1:9")  # discard: nothing listens
+    with pytest.raises(OAuthUnavailable, match="OAuth exchange with http://127.0.0.1:9 failed"):
+        await auth_key_for_login(cfg(tags=["tag:books"]))

@@ -29,10 +29,11 @@ def test_ready_status_watchdog_stopping(notify_socket):
     notifier.ready("serving https://books/")
     notifier.status("renewing")
     notifier.watchdog()
+    notifier.extend_start_timeout(90)
     notifier.stopping("bye")
-    received = [notify_socket.recv(4096).decode() for _ in range(4)]
+    received = [notify_socket.recv(4096).decode() for _ in range(5)]
     assert received == ["READY=1\nSTATUS=serving https://books/", "STATUS=renewing", "WATCHDOG=1",
-                        "STOPPING=1\nSTATUS=bye"]
+                        "EXTEND_TIMEOUT_USEC=90000000", "STOPPING=1\nSTATUS=bye"]
 
 
 def test_without_notify_socket_everything_is_a_no_op(monkeypatch):
