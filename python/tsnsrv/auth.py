@@ -103,7 +103,8 @@ async def mint_auth_key(secret: OAuthSecret, tags: list[str], timeout: float = 3
         token_url = f"{secret.base_url}/api/v2/oauth/token"
         try:
             async with session.post(token_url, data={"grant_type": "client_credentials"},
-                                    auth=aiohttp.BasicAuth("tsnsrv", secret.secret)) as resp:
+                                    headers={"Authorization": aiohttp.encode_basic_auth("tsnsrv", secret.secret)}
+                                    ) as resp:
                 if resp.status != 200:
                     raise _http_failure(f"OAuth token request to {token_url}", resp.status, await resp.text())
                 token = (await resp.json())["access_token"]

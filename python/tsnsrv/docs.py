@@ -9,6 +9,7 @@ A unit test fails when README.md and the model disagree.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -46,18 +47,27 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def replace_between(document: str, begin: str, end: str, content: str) -> str:
+    start, stop = document.index(begin), document.index(end)
+    return document[:start] + begin + "\n" + content + "\n" + document[stop:]
+
+
+def table_command(argv: list[str], begin: str, end: str, render: Callable[[], str]) -> int:
+    """`--write FILE` puts render() between the markers in FILE; without it, prints it."""
+    if argv[:1] == ["--write"] and len(argv) == 2:
+        path = Path(argv[1])
+        path.write_text(replace_between(path.read_text(), begin, end, render()))
+        return 0
+    print(render())
+    return 0
+
+
 def splice(document: str) -> str:
-    start, end = document.index(BEGIN), document.index(END)
-    return document[:start] + BEGIN + "\n" + table() + "\n" + document[end:]
+    return replace_between(document, BEGIN, END, table())
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--write"] and len(argv) == 2:
-        path = Path(argv[1])
-        path.write_text(splice(path.read_text()))
-        return 0
-    print(table())
-    return 0
+    return table_command(argv, BEGIN, END, table)
 
 
 if __name__ == "__main__":
