@@ -683,6 +683,8 @@ class Bench:
     def run(self) -> dict[str, Any]:
         started = time.time()
         noise_before = machine_noise()
+        monitor = NoiseMonitor()
+        monitor.start()
         self.setup()
         self.start_candidates()
         self.warmup()
@@ -705,6 +707,7 @@ class Bench:
         if not self.args.skip_startup:
             self.startups()
         noise_after = machine_noise()
+        during = monitor.stop()
         for kind in self.kinds:
             for metric in ("start_existing_s", "start_fresh_s"):
                 if self.samples[kind].get(metric):
@@ -717,7 +720,7 @@ class Bench:
             "profile": {k: list(v) if isinstance(v, tuple) else v for k, v in self.profile.items()},
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "duration_s": round(time.time() - started, 1),
-            "noise": {"before": noise_before, "after": noise_after},
+            "noise": {"before": noise_before, "after": noise_after, "during": during},
             "samples": self.samples,
             "processes": self.processes,
             "notes": self.notes,
@@ -755,7 +758,7 @@ class Bench:
                 spy.wait(30)
                 if raw.exists():
                     name = f"profile-{label}" if ours.kind == "tsnsrv" else f"profile-{ours.kind}-{label}"
-                    (out / f"{name}.md").write_text(summarize_profile(raw.read_text(), f"{ours.kind}, {label}"))
+                    (out / f"{name}.md").write_text(summarize_profile(raw.read_text(), label if ours.kind == "tsnsrv" else f"{ours.kind}, {label}"))
                     shutil.copy(raw, out / f"{name}.collapsed")
 
 
@@ -774,9 +777,19 @@ def summarize_profile(collapsed: str, label: str, top: int = 25) -> str:
         self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
         for frame in set(frames):
             incl_counts[frame] = incl_counts.get(frame, 0) + count
-    lines = [f"# py-spy profile of tsnsrv under {label}", "", f"{total} samples of the main thread at 200 Hz, idle time excluded "
+    modules: dict[str, int] = {}
+    for frame, count in self_counts.items():
+        match = re.search(r"\(([^/)]+)(?:/[^)]*)?\)$", frame)
+        module = match.group(1) if match else "?"
+        module = module.removesuffix(".py")
+        modules[module] = modules.get(module, 0) + count
+    lines = [f"# py-spy profile of our tsnsrv: {label}", "", f"{total} samples of the main thread at 200 Hz, idle time excluded "
              "(py-spy's default), so percentages are of busy time. Lines folded into functions.", "",
-             "## Self time", "", "| % | function |", "| ---: | --- |"]
+             "## Self time by package", "", "| % | package |", "| ---: | --- |"]
+    for module, count in sorted(modules.items(), key=lambda kv: -kv[1]):
+        if count * 200 >= total:  # at least 0.5 %
+            lines.append(f"| {100 * count / max(total, 1):.1f} | {module} |")
+    lines += ["", "## Self time", "", "| % | function |", "| ---: | --- |"]
     for frame, count in sorted(self_counts.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| {100 * count / max(total, 1):.1f} | `{frame}` |")
     lines += ["", "## Inclusive time", "", "| % | function |", "| ---: | --- |"]
@@ -793,6 +806,39 @@ PEAK_METRICS = frozenset({"rss_peak_load_mib", "rss_growth_download_mib", "rss_g
 def median(values: list[float]) -> float:
     clean = [v for v in values if v == v]
     return statistics.median(clean) if clean else float("nan")
+
+
+class NoiseMonitor:
+    """Looks every few seconds for other work on the machine (test suites, builds) and the load."""
+
+    def __init__(self, interval: float = 5.0):
+        self.interval = interval
+        self.max_load = 0.0
+        self.samples = 0
+        self.busy_samples = 0
+        self.examples: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                noise = machine_noise()
+                self.samples += 1
+                self.max_load = max(self.max_load, noise["loadavg"][0])
+                if noise["other_workloads"]:
+                    self.busy_samples += 1
+                    self.examples.update(noise["examples"])
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        return {"samples": self.samples, "busy_samples": self.busy_samples, "max_load1": self.max_load,
+                "examples": sorted(self.examples)[:5]}
 
 
 def machine_noise() -> dict[str, Any]:
@@ -889,7 +935,8 @@ def markdown(result: dict[str, Any], machine: dict[str, str]) -> str:
     size = result["profile"]["transfer_size"] // MIB
     size_text = "1 GiB" if size == 1024 else f"{size} MiB"
     noise = result["noise"]
-    busy = noise["before"]["other_workloads"] or noise["after"]["other_workloads"]
+    during = noise.get("during", {})
+    busy = noise["before"]["other_workloads"] or noise["after"]["other_workloads"] or during.get("busy_samples")
     lines = [
         f"# tsnsrv benchmark results ({result['mode']} run)",
         "",
@@ -900,9 +947,10 @@ def markdown(result: dict[str, Any], machine: dict[str, str]) -> str:
         "",
     ]
     if busy:
-        lines += [f"**Noisy machine:** other workloads ran during this run (load average "
-                  f"{noise['before']['loadavg'][0]:.1f} before, {noise['after']['loadavg'][0]:.1f} after; e.g. "
-                  f"`{(noise['before']['examples'] or noise['after']['examples'] or ['?'])[0]}`). "
+        examples = noise["before"]["examples"] or during.get("examples") or noise["after"]["examples"] or ["?"]
+        lines += [f"**Noisy machine:** other workloads ran during this run (seen in "
+                  f"{during.get('busy_samples', '?')} of {during.get('samples', '?')} checks every 5 s; load average "
+                  f"up to {during.get('max_load1', noise['after']['loadavg'][0]):.1f}; e.g. `{examples[0]}`). "
                   "Ratios between candidates are more trustworthy than absolute figures.", ""]
     kinds = result.get("kinds", list(CANDIDATES))
     variant = "variant" in kinds
@@ -1049,7 +1097,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs, one round (< 3 minutes)")
     parser.add_argument("--go-tsnsrv", type=Path, default=None,
                         help=f"the Go tsnsrv binary (default: {GO_TSNSRV_CACHED}, built by bench/build-go-tsnsrv)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: bench/results, or bench/results/quick with --quick)")
     parser.add_argument("--profile", action="store_true",
                         help="also record py-spy profiles of our tsnsrv (needs py-spy in the venv)")
     parser.add_argument("--profile-target", choices=("tsnsrv", "variant"), default="tsnsrv",
@@ -1069,6 +1118,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: needs root (a network namespace and a kernel-TUN client device)", file=sys.stderr)
         return 1
+    if args.out is None:
+        args.out = REPO / "bench" / "results" / ("quick" if args.quick else "")
     if args.go_tsnsrv is None:
         args.go_tsnsrv = GO_TSNSRV_CACHED
     if not args.go_tsnsrv.exists():
