@@ -698,10 +698,11 @@ class Bench:
         ours = self.candidates["tsnsrv"]
         assert isinstance(ours, OurTsnsrv)
         with contextlib.suppress(Exception):
-            refused = ours.service.metric("tsnsrv_refused_connections_total")
+            refused = sum(float(line.rpartition(" ")[2]) for line in ours.service.metrics().splitlines()
+                          if line.startswith("tsnsrv_refused_front_connections_total"))
             if refused:
                 self.notes.append(f"ours refused {refused:.0f} front connection(s) during the load "
-                                  "(tsnsrv_refused_connections_total; see its log)")
+                                  "(tsnsrv_refused_front_connections_total; see its log)")
         if self.args.profile:
             self.profile_ours()
         if not self.args.skip_startup:
