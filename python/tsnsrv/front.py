@@ -23,7 +23,7 @@ from . import proxyproto
 from .access import FUNNEL, TAILNET
 from .identity import is_tailnet_address
 from .metrics import Metrics
-from .peercheck import TailscaledPeerCheck
+from .peercheck import PEER_GONE, TailscaledPeerCheck
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,9 @@ class FrontListener:
     async def _admit(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         refusal = self.peer_check.refusal(conn)
+        if refusal == PEER_GONE:  # routine when a client hangs up at once; nothing to answer anyway
+            self._refuse(conn, "closed_before_check", f"dropped a front connection: {refusal}", logging.DEBUG)
+            return
         if refusal is not None:
             self._refuse(conn, "not_tailscaled", f"refused a front connection: {refusal}", logging.WARNING)
             return

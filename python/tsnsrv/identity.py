@@ -55,6 +55,7 @@ class WhoisCache:
         self._entries: OrderedDict[str, tuple[float, Identity | None]] = OrderedDict()
         self._pending: dict[str, asyncio.Future[Identity | None]] = {}
         self._last_warning = 0.0
+        self._cached_hits = metrics.whois.labels("cached")
 
     async def lookup(self, address: str) -> Identity | None:
         """The identity behind a tailnet address; None if tailscaled knows no node there.
@@ -63,7 +64,7 @@ class WhoisCache:
         entry = self._entries.get(address)
         if entry is not None and entry[0] > time.monotonic():
             self._entries.move_to_end(address)
-            self._metrics.whois.labels("cached").inc()
+            self._cached_hits.inc()
             return entry[1]
         pending = self._pending.get(address)
         if pending is None:

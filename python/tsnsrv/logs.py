@@ -23,12 +23,17 @@ class LogfmtFormatter(logging.Formatter):
         super().__init__()
         self.service = service
         self.journald = journald
+        self._stamp_second = -1
+        self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
         parts = []
         if not self.journald:  # journald stamps lines itself
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-            parts.append(f"time={stamp}.{int(record.msecs):03d}")
+            second = int(record.created)
+            if second != self._stamp_second:  # strftime once a second, not once a line
+                self._stamp_second = second
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
+            parts.append(f"time={self._stamp}.{int(record.msecs):03d}")
         parts += [f"level={record.levelname.lower()}", f"service={_quote(self.service)}",
                   f"logger={record.name}", f"msg={_quote(record.getMessage())}"]
         for key, value in getattr(record, "fields", ()):

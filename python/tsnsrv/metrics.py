@@ -9,6 +9,8 @@ tsnsrv exports are kept under their old names too, so existing dashboards work:
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
@@ -75,13 +77,18 @@ class Metrics:
         self.certificate_expiry = Gauge("tsnsrv_certificate_expiry_timestamp_seconds",
                                         "Expiry time of the TLS certificate being served", registry=r)
         self.node_running = Gauge("tsnsrv_node_running", "1 while the node is Running on the tailnet", registry=r)
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.tailscaled_restarts = Counter("tsnsrv_tailscaled_restarts", "Restarts of the spawned tailscaled",
                                            registry=r)
 
     def observe_response(self, status: int, source: str, seconds: float) -> None:
         status_class = f"{status // 100}xx"
-        self.responses.labels(status_class, source).inc()
-        self.request_duration.labels(source).observe(seconds)
+        children = self._children.get((status_class, source))
+        if children is None:  # labels() takes a lock and builds a key on every call: once per label set
+            children = self._children[(status_class, source)] = (self.responses.labels(status_class, source),
+                                                                 self.request_duration.labels(source))
+        children[0].inc()
+        children[1].observe(seconds)
         go = self.go
         go.duration_ns_sum += seconds * 1e9
         go.duration_count += 1

@@ -41,6 +41,9 @@ MSG_UID_INODE = struct.Struct("=II")
 MSG_UID_OFFSET = 4 + 48 + 12
 
 
+PEER_GONE = "the connecting socket was closed before it could be identified"
+
+
 class PeerLookupError(Exception):
     pass
 
@@ -137,6 +140,11 @@ class TailscaledPeerCheck:
             return f"could not identify the connecting process: {exc}"
         if owner.uid != self.uid:
             return f"connection from uid {owner.uid}, not tailscaled's uid {self.uid}"
+        if owner.inode == 0:
+            # Its process has closed it already, so nobody can say whose it was. What
+            # it sent is still in our buffer: serving that would let any local process
+            # connect, write a forged request, close, and have it proxied.
+            return PEER_GONE
         if owner.inode in self._known_inodes or not self._can_inspect_fds():
             return None
         self._known_inodes = self._daemon_socket_inodes()

@@ -40,6 +40,14 @@ WEBSOCKET_MAX_MESSAGE = 64 * 1024 * 1024
 READ_CHUNK = 256 * 1024
 
 
+class CoalescingResponse(web.StreamResponse):
+    """A response whose head goes out with its first body bytes (one write, one packet)
+    instead of on its own. Only for bodies of known length, which follow at once: a
+    streamed (chunked, SSE) response still sends its head immediately."""
+
+    _send_headers_immediately = False
+
+
 class UpstreamTimeout(Exception):
     pass
 
@@ -87,6 +95,22 @@ def origin_form(target: str) -> str | None:
     return None
 
 
+def _timed(base: type, metrics: Metrics) -> type:
+    """`base` connector that observes new upstream connections' set-up time.
+
+    Instead of a TraceConfig: with any trace config, aiohttp builds Trace objects and
+    dispatches request start/headers/chunk/end signals on every request and body chunk."""
+
+    class TimedConnector(base):  # type: ignore[valid-type, misc]
+        async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            protocol = await super()._create_connection(*args, **kwargs)
+            metrics.upstream_connect.observe(time.perf_counter() - started)
+            return protocol
+
+    return TimedConnector
+
+
 def join_url_path(base: str, raw_path: str) -> str:
     """Go's httputil joinURLPath: one slash between the upstream's base path and the request's."""
     if not base:
@@ -132,20 +156,17 @@ class Proxy:
 
     def _make_session(self) -> aiohttp.ClientSession:
         cfg = self.cfg
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_create_start.append(self._connect_started)
-        trace.on_connection_create_end.append(self._connect_finished)
         connector_options: dict[str, Any] = {"limit": 0, "keepalive_timeout": 30}
         if cfg.upstream_unix_addr is not None:
-            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=str(cfg.upstream_unix_addr),
-                                                                     **connector_options)
+            connector: aiohttp.BaseConnector = _timed(aiohttp.UnixConnector, self.metrics)(
+                path=str(cfg.upstream_unix_addr), **connector_options)
         else:
             if cfg.upstream_tcp_addr is not None:
                 host, _, port = cfg.upstream_tcp_addr.rpartition(":")
                 connector_options["resolver"] = FixedAddressResolver(host.strip("[]"), int(port))
             if self._scheme == "https":
                 connector_options["ssl"] = upstream_ssl_context(cfg)
-            connector = aiohttp.TCPConnector(**connector_options)
+            connector = _timed(aiohttp.TCPConnector, self.metrics)(**connector_options)
         return aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -155,14 +176,7 @@ class Proxy:
             read_bufsize=READ_CHUNK,
             max_line_size=65536,
             max_field_size=65536,
-            trace_configs=[trace],
         )
-
-    async def _connect_started(self, _session: Any, context: Any, _params: Any) -> None:
-        context.connect_started = time.perf_counter()
-
-    async def _connect_finished(self, _session: Any, context: Any, _params: Any) -> None:
-        self.metrics.upstream_connect.observe(time.perf_counter() - context.connect_started)
 
     async def close_websockets(self) -> None:
         """Say goodbye (1001 Going Away) on both legs of every relayed websocket."""
@@ -306,11 +320,21 @@ class Proxy:
     async def _send(self, method: str, url: URL, headers: CIMultiDict[str], body: AsyncIterator[bytes] | None,
                     exchange: Exchange) -> aiohttp.ClientResponse:
         """Send the request; the response-header timeout runs from when the body is fully sent."""
+        timeout = self.cfg.upstream_response_header_timeout
+        if body is None or not timeout:  # no extra task, no wait_for: one timer at most
+            request = self.session.request(method, url, headers=headers, data=body, allow_redirects=False,
+                                           compress=None)
+            if not timeout:
+                return await request
+            try:
+                async with asyncio.timeout(timeout) as deadline:
+                    return await request
+            except TimeoutError:
+                if deadline.expired():
+                    raise UpstreamTimeout(f"no response within {timeout:g}s") from None
+                raise
         sending = asyncio.ensure_future(self.session.request(method, url, headers=headers, data=body,
                                                              allow_redirects=False, compress=None))
-        timeout = self.cfg.upstream_response_header_timeout
-        if not timeout:
-            return await sending
         if body is not None:
             body_sent = asyncio.ensure_future(exchange.body_sent.wait())
             try:
@@ -324,7 +348,9 @@ class Proxy:
 
     async def _stream_response(self, exchange: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         request = exchange.request
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        known_length = upstream.content_length is not None or upstream.status in (204, 304)
+        response_class = CoalescingResponse if known_length or request.method == "HEAD" else web.StreamResponse
+        response = response_class(status=upstream.status, reason=upstream.reason)
         dropped = {token.strip().lower() for token in upstream.headers.get("Connection", "").split(",")}
         for name, value in upstream.headers.items():
             lower = name.lower()
@@ -342,7 +368,10 @@ class Proxy:
         idle_timeout = self.cfg.upstream_idle_timeout or None
         try:
             while True:
-                chunk = await asyncio.wait_for(upstream.content.readany(), idle_timeout)
+                if idle_timeout is None:
+                    chunk = await upstream.content.readany()
+                else:
+                    chunk = await asyncio.wait_for(upstream.content.readany(), idle_timeout)
                 if not chunk:
                     break
                 exchange.bytes_out += len(chunk)
