@@ -698,11 +698,14 @@ class Bench:
         ours = self.candidates["tsnsrv"]
         assert isinstance(ours, OurTsnsrv)
         with contextlib.suppress(Exception):
-            refused = sum(float(line.rpartition(" ")[2]) for line in ours.service.metrics().splitlines()
-                          if line.startswith("tsnsrv_refused_front_connections_total"))
-            if refused:
-                self.notes.append(f"ours refused {refused:.0f} front connection(s) during the load "
-                                  "(tsnsrv_refused_front_connections_total; see its log)")
+            refused = {line.partition('reason="')[2].partition('"')[0]: float(line.rpartition(" ")[2])
+                       for line in ours.service.metrics().splitlines()
+                       if line.startswith("tsnsrv_refused_front_connections_total")}
+            if sum(refused.values()):
+                by_reason = ", ".join(f"{count:.0f} {reason}" for reason, count in sorted(refused.items()) if count)
+                self.notes.append(f"ours refused front connections during the load: {by_reason} "
+                                  "(tsnsrv_refused_front_connections_total; closed_before_check = the client "
+                                  "hung up before tsnsrv could identify the connection)")
         if self.args.profile:
             self.profile_ours()
         if not self.args.skip_startup:
