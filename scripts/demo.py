@@ -53,28 +53,31 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tsnsrv-demo-", dir="/var/tmp"))
     work.chmod(0o711)
     netns = NetworkNamespace(f"tsndemo{os.getpid() % 10000}", "198.18.250.1", "198.18.250.2").create()
-    stack = []
+    stack = []  # how to stop what was started, in order
     try:
         say("Starting headscale, the tailnet's control server, on 198.18.250.1")
         headscale = Headscale(args.bin_dir / "headscale", work / "headscale", netns.host_ip,
                               free_port(netns.host_ip), free_port(netns.host_ip, socket.SOCK_DGRAM))
         headscale.write_config(ALLOW_ALL_POLICY)
-        stack.append(headscale.start())
+        headscale.start()
+        stack.append(headscale.close)
+        headscale.relay_into(netns)
 
         say("Joining alice's laptop (a kernel-TUN tailscaled in network namespace "
             f"{netns.name}) to the tailnet")
         laptop_node = TailscaleNode("laptop", args.bin_dir, work / "laptop", netns).start()
-        stack.append(laptop_node)
+        stack.append(laptop_node.stop)
         laptop_node.up(headscale.url, headscale.auth_key("alice"))
         laptop = ClientDevice(laptop_node)
 
         say("Starting a sample upstream web service on 127.0.0.1 (it echoes what it receives)")
         upstream = Upstream().start()
-        stack.append(upstream)
+        stack.append(upstream.stop)
 
         service = Tsnsrv("hello", upstream.url, work / "hello", args.bin_dir, headscale, headscale.auth_key("alice"))
         say("Running: " + " ".join(service.argv).replace(tsnsrv_command(), "tsnsrv"))
-        stack.append(service.start())
+        service.start(clients=[laptop_node])
+        stack.append(service.stop)
         health = service.health()
         print(f"hello is on the tailnet as {health['node']['dnsName']} ({service.ip}); "
               f"tailscaled's loopback guard: {health['tailscaled']['loopbackGuard']}")
@@ -103,8 +106,8 @@ def main() -> int:
         say("Demo done: the answer above came over the tailnet, through tsnsrv")
         return 0
     finally:
-        for part in reversed(stack):
-            part.stop()
+        for stop in reversed(stack):
+            stop()
         netns.destroy()
         shutil.rmtree(work, ignore_errors=True)
 
