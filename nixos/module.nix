@@ -1,6 +1,6 @@
 # services.tsnsrv: each local web service on the tailnet as its own machine.
 #
-# Per service `<name>` this runs two units (DESIGN.md §3, §4):
+# Per service `<name>` this runs two units (README.md, "Security"):
 #
 #   tsnsrv-<name>-tailscaled.service  the service's own userspace tailscaled. A userspace
 #                                     tailscaled forwards every tailnet port that Serve does
@@ -189,7 +189,7 @@ let
           RestartSec = "5s";
           StateDirectory = unitOf unit;
           StateDirectoryMode = "0700";
-          # DESIGN.md §4 hazard 1: peers must not reach host loopback through the node.
+          # Peers must not reach host loopback through the node (README.md, "Security").
           IPAddressDeny = "localhost";
           IPAddressAllow = [
             service.frontAddress

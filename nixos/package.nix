@@ -8,8 +8,8 @@ python3Packages.buildPythonApplication {
   version = (lib.importTOML ../python/pyproject.toml).project.version;
   pyproject = true;
 
-  # Only what the build and the unit tests read, so that editing the docs, the module
-  # or the end-to-end suites does not rebuild the package.
+  # Only what the build and the unit tests read, so that editing the module or the
+  # end-to-end suites does not rebuild the package (README.md is in, for its option table).
   src = lib.fileset.toSource {
     root = ../.;
     fileset = lib.fileset.unions [

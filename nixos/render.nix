@@ -61,7 +61,7 @@ let
   ];
 
   # JSON keys the module decides itself, because they describe the unit layout rather
-  # than the service: tailscaled runs in its own unit (DESIGN.md §4), so the proxy
+  # than the service: tailscaled runs in its own unit (README.md, "Security"), so the proxy
   # attaches to its socket instead of spawning a daemon.
   managedKeys = [
     "stateDir"

@@ -134,14 +134,16 @@ class ServiceConfig:
                                           help="Control server URL (e.g. a headscale instance). Default: Tailscale's.")
     auth_key_path: Path | None = option(None, flag="--auth-key-file", metavar="FILE",
                                         help="File holding an auth key or OAuth client secret (tskey-client-...). "
-                                             "Default: $TS_AUTHKEY, then $CREDENTIALS_DIRECTORY/authKey.")
+                                             "Default: the key in $TS_AUTHKEY or $TS_AUTH_KEY, then the file "
+                                             "$CREDENTIALS_DIRECTORY/authKey.")
     tags: list[str] = option(factory=list, flag="--tag", metavar="TAG",
                              help="ACL tag (tag:NAME), repeatable: put on keys minted from an OAuth secret (which "
                                   "requires tags) and requested at interactive login. An auth key brings its own.")
     ephemeral: bool = option(False, help="Register an ephemeral node, removed when it goes offline or stops.")
     state_dir: Path | None = option(None, metavar="DIR",
                                     help="Directory for this service's node state and certificates. Default: "
-                                         "$STATE_DIRECTORY, else $XDG_STATE_HOME/tsnsrv/NAME (~/.local/state/...).")
+                                         "$STATE_DIRECTORY/NAME, else /var/lib/tsnsrv/NAME as root, else "
+                                         "$XDG_STATE_HOME/tsnsrv/NAME (~/.local/state/...).")
     timeout: Duration = option(0.0, metavar="DURATION",
                                help="Give up if the node is not up within this time; 0 waits forever.")
     tailscaled_socket: Path | None = option(None, metavar="SOCKET",

@@ -41,7 +41,7 @@ def table() -> str:
         if field.type is bool and flag.startswith("--"):
             flag = f"{flag} / --no-{flag[2:]}"
         metavar = field.metadata.get("metavar")
-        shown = f"`{flag} {metavar}`" if metavar and flag.startswith("--") else f"`{flag}`"
+        shown = (f"`{flag} {metavar}`" if metavar and flag.startswith("--") else f"`{flag}`").replace("|", "\\|")
         meaning = field.metadata["help"].replace("|", "\\|")
         rows.append(f"| {shown} | `{key}` | {_default(field)} | {meaning} |")
     return "\n".join(rows)
