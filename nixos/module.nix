@@ -235,6 +235,17 @@ let
           );
           # SIGHUP re-reads the certificate files (ACME renewals).
           ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          # The proxy removes its Serve config when it stops; if it crashed, do it here, or
+          # the daemon would keep forwarding tailnet clients to a front port that any local
+          # user could bind while the proxy is down.
+          ExecStopPost = "-${
+            utils.escapeSystemdExecArgs [
+              (getExe' service.tailscalePackage "tailscale")
+              "--socket=${(render.paths unit).tailscaledSocket}"
+              "serve"
+              "reset"
+            ]
+          }";
           Restart = "always";
           RestartSec = "5s";
           SupplementaryGroups =

@@ -38,6 +38,13 @@ class Prefix:
     def matches(self, path: str, provenance: str) -> bool:
         return self.applies(provenance) and path_has_prefix(path, self.path)
 
+    def covers(self, path: str, provenance: str) -> bool:
+        """`matches`, and for a prefix written with a trailing slash also the bare
+        directory: denying "/admin/" must deny "/admin" too."""
+        if self.matches(path, provenance):
+            return True
+        return self.applies(provenance) and len(self.path) > 1 and self.path.endswith("/") and path == self.path[:-1]
+
     def __str__(self) -> str:
         return f"{self.applies_to}:{self.path}" if self.applies_to else self.path
 
@@ -81,7 +88,7 @@ class PathPolicy:
     def decide(self, raw_path: str, provenance: str) -> PathDecision:
         path = unquote(raw_path)
         for prefix in self.deny:
-            if prefix.matches(path, provenance):
+            if prefix.covers(path, provenance):
                 return PathDecision(False, reason=f"path is under deny prefix {prefix}")
         if not self.allow:
             return PathDecision(True, raw_path)
@@ -177,7 +184,7 @@ class AccessPolicy:
         identity refuses the request: a deny rule must not let its subject through."""
         covered_by_allow = False
         for rule, prefix in self.rules:
-            if not prefix.matches(path, provenance):
+            if not prefix.covers(path, provenance):
                 continue
             if identity_unavailable and rule.selects_identity:
                 return AccessDecision(False, f'rule "{rule.describe()}" needs the client\'s identity, which tailscaled '

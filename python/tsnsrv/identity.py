@@ -33,7 +33,8 @@ def is_tailnet_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
 
 
 def is_spoofable(header_name: str) -> bool:
-    lower = header_name.lower()
+    # CGI, PHP and ASGI servers read "X_Tailscale_User" as "X-Tailscale-User".
+    lower = header_name.lower().replace("_", "-")
     return lower in SPOOFABLE_NAMES or lower.startswith(SPOOFABLE_PREFIXES)
 
 

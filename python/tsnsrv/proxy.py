@@ -87,6 +87,8 @@ def origin_form(target: str) -> str | None:
 
     HTTP/1.1 servers must accept the absolute form (`GET http://host/path`); its path is
     what prefixes and rules must see, or `http://books/admin` would slip past them."""
+    if "#" in target:
+        return None  # no fragment in a request target (RFC 9112 3.2); the URL builder would drop it unchecked
     if target.startswith("/"):
         return target
     split = urlsplit(target)
@@ -249,6 +251,9 @@ class Proxy:
         path = join_url_path(self._base_path, path_decision.upstream_raw_path)
         query = "&".join(part for part in (self._base_query, raw_query) if part)
         url = URL(f"{self._scheme}://{self._netloc}{path}" + (f"?{query}" if query else ""), encoded=True)
+        if url.raw_path != path:  # the upstream must be asked for exactly the path that was checked
+            return self._deny(exchange, 400, "target", f"request path {path[:100]!r} does not survive as a URL",
+                              "400 Bad Request: the request target is not a valid path.")
         if _is_websocket_upgrade(request):
             return await self._relay_websocket(exchange, url, headers)
         return await self._proxy_http(exchange, url, headers)

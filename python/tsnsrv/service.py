@@ -440,6 +440,14 @@ class Service:
     async def shutdown(self) -> None:
         self.health.stopping = True
         self.notifier.stopping("stopping: finishing in-flight requests")
+        if self.daemon is None and self.health.serve_config:
+            # An attached tailscaled outlives us: left in place, its Serve config would
+            # forward tailnet clients to a front port that any local user could bind.
+            try:
+                await self.api.set_serve_config({})
+                log.info("serve config removed")
+            except (TailscaledUnreachable, LocalAPIError) as exc:
+                log.warning("could not remove the serve config: %s", exc)
         for listener in self.forwards.values():
             await listener.stop_accepting()
         self.health.accepting = False

@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -50,15 +51,27 @@ class TailscaledStartError(Exception):
     pass
 
 
+LOCK_FILE = "tsnsrv.lock"
+
+
 class StateDirLock:
     """An exclusive lock on the state directory: one process per node identity."""
 
     def __init__(self, state_dir: Path):
-        self.path = state_dir / "tsnsrv.lock"
+        self.path = state_dir / LOCK_FILE
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        # The directory belongs to tailscaled's account: never follow what it may have
+        # planted there (a symlink, or a hard link to another file) while we are root.
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise TailscaledStartError(f"cannot open the lock file {self.path}: {exc.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise TailscaledStartError(f"{self.path} is not a plain file of its own; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -105,8 +118,12 @@ class SpawnedTailscaled:
             if user is not None:
                 os.chown(directory, entry.pw_uid, entry.pw_gid)
         if user is not None:
-            for path in self.state_dir.rglob("*"):
-                os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+            # Relative to directory descriptors and never through a symlink, so that the
+            # account cannot swap a directory for a link to /etc halfway through.
+            for _dir, dirnames, filenames, dir_fd in os.fwalk(self.state_dir, follow_symlinks=False):
+                for name in dirnames + filenames:
+                    if name != LOCK_FILE:
+                        os.chown(name, entry.pw_uid, entry.pw_gid, dir_fd=dir_fd, follow_symlinks=False)
 
     def argv(self) -> list[str]:
         binary = shutil.which(self.cfg.tailscaled_path) or self.cfg.tailscaled_path

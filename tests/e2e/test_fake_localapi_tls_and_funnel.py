@@ -158,3 +158,14 @@ def test_funnel_only_serves_nobody_on_the_tailnet(attach, upstream):
     with pytest.raises((ConnectionError, OSError)):
         node.get(TAILNET_CLIENT, "/hello")
     assert node.service.metric("tsnsrv_refused_front_connections_total", 'reason="tailnet_not_served"') == 1
+
+
+def test_an_attached_service_takes_its_serve_config_with_it_when_it_stops(attach):
+    node = attach("leaving")
+    front = node.fake.front()
+    assert node.fake.serve_config["TCP"]["443"]["TCPForward"] == f"{front[0]}:{front[1]}"
+
+    assert node.service.stop() == 0
+
+    assert node.fake.serve_config == {}, "tailscaled would forward clients to a port anyone may now bind"
+    assert "serve config removed" in node.service.log()

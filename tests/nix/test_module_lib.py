@@ -132,6 +132,9 @@ def test_proxy_unit(blog: dict) -> None:
     assert sc["LoadCredential"] == ["authKey:/run/secrets/tailscale-authkey"]
     assert sc["SupplementaryGroups"] == ["hass"]
     assert "IPAddressDeny" not in sc  # the proxy reaches upstreams on loopback
+    # A crashed proxy's Serve config is reset, so nobody else can take its front port.
+    assert sc["ExecStopPost"].startswith("-") and sc["ExecStopPost"].endswith(
+        '"--socket=/run/tsnsrv-home/tailscaled.sock" "serve" "reset"')
     assert blog["units"]["tsnsrv-docs"]["serviceConfig"]["ExecStart"].endswith('"--log-level=debug"')
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 
 import pytest
 
@@ -53,3 +54,35 @@ def test_state_dir_lock_admits_one_holder(tmp_path):
     second = StateDirLock(tmp_path)
     second.acquire()  # free again once the holder is gone
     os.close(second._fd)
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink"])
+def test_the_lock_never_writes_through_what_the_daemons_account_planted(tmp_path, plant):
+    victim = tmp_path / "victim"
+    victim.write_text("important root data\n")
+    state = tmp_path / "state"
+    state.mkdir()
+    if plant == "symlink":
+        (state / "tsnsrv.lock").symlink_to(victim)
+    else:
+        os.link(victim, state / "tsnsrv.lock")
+    with pytest.raises(TailscaledStartError):
+        StateDirLock(state).acquire()
+    assert victim.read_text() == "important root data\n"
+
+
+def test_preparing_the_state_dir_hands_it_over_without_following_links(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("handing the state directory to another account needs root")
+    nobody = pwd.getpwnam("nobody")
+    outside = tmp_path / "outside"
+    outside.write_text("not the daemon's\n")
+    state = tmp_path / "state"
+    (state / "sub").mkdir(parents=True)
+    (state / "sub" / "file").write_text("x")
+    (state / "link").symlink_to(outside)
+    cfg = load({"name": "books", "toURL": "http://127.0.0.1:8083", "tailscaledUser": "nobody"})
+    SpawnedTailscaled(cfg, state, tmp_path / "run" / "s.sock", set()).prepare()
+    assert (state / "sub" / "file").stat().st_uid == nobody.pw_uid
+    assert os.lstat(state / "link").st_uid == nobody.pw_uid
+    assert outside.stat().st_uid == os.geteuid()
