@@ -69,6 +69,7 @@ let
     "tailscaledPath"
     "tailscaledUser"
     "controlSocket"
+    "allowUnconfinedTailscaled" # the daemon unit is confined by systemd instead
   ];
 
   # Service options that shape the units or are resolved into other keys, and so

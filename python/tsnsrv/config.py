@@ -156,6 +156,9 @@ class ServiceConfig:
                                               "runs as root.")
     tailscaled_verbose: bool = option(False, help="Log tailscaled's own output at info level instead of debug.")
     tailscaled_log_upload: bool = option(False, help="Let the spawned tailscaled upload its logs to Tailscale.")
+    allow_unconfined_tailscaled: bool = option(
+        False, help="Start the spawned tailscaled even where the loopback guard cannot work (no seccomp user "
+                    "notification), leaving host loopback reachable by tailnet peers. Default: refuse to start.")
 
     # How the service listens on the tailnet.
     listen_port: int | None = option(None, metavar="PORT",

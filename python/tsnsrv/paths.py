@@ -9,6 +9,7 @@ RuntimeDirectory are used; otherwise the XDG base directories of the user, or
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from .config import ServiceConfig
@@ -40,6 +41,34 @@ def runtime_base() -> Path:
     if xdg := os.environ.get("XDG_RUNTIME_DIR"):
         return Path(xdg) / "tsnsrv"
     return Path(f"/tmp/tsnsrv-{os.geteuid()}")
+
+
+def unsafe_shared_runtime_base() -> str | None:
+    """Why the /tmp fallback runtime directory cannot be trusted, if it is in use and cannot.
+
+    Its name is predictable, so another local user may have made it first (world-writable,
+    or a symlink) to swap tailscaled's socket for their own and be handed the auth key."""
+    base = runtime_base()
+    if os.environ.get("RUNTIME_DIRECTORY") or base.parent != Path("/tmp"):
+        return None
+    return private_directory_problem(base)
+
+
+def private_directory_problem(directory: Path) -> str | None:
+    """Create `directory` (0700) unless it exists; say why it is not ours alone, if it is not."""
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        return f"cannot create {directory}: {exc.strerror}"
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        return f"{directory} is not a directory but a link or file someone else may control"
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        return (f"{directory} belongs to uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}; it must be "
+                "yours and private (0700). Set XDG_RUNTIME_DIR, or remove that directory")
+    return None
 
 
 def runtime_dir(cfg: ServiceConfig) -> Path:

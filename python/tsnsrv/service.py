@@ -119,6 +119,9 @@ class Service:
                           ("upstreamCaFile", cfg.upstream_ca_file)):
             if path is not None and not os.access(path, os.R_OK):
                 problems.append(f"{option_name(key)}: cannot read {path}")
+        if cfg.control_socket is None or cfg.tailscaled_socket is None:
+            if unsafe := paths.unsafe_shared_runtime_base():
+                problems.append(f"runtime directory: {unsafe}")
         if cfg.tailscaled_socket is not None:
             if problems:
                 raise StartupProblem("\n".join(problems))

@@ -168,6 +168,12 @@ class SpawnedTailscaled:
             listener = await asyncio.to_thread(receive_listener, channel, STARTUP_TIMEOUT)
         except ConfinementUnavailable as exc:
             self.confined = False
+            if not self.cfg.allow_unconfined_tailscaled:
+                raise TailscaledStartError(
+                    f"the loopback guard cannot confine tailscaled here ({exc}), and without it tailnet peers "
+                    "could reach every port on this host's 127.0.0.1. Run tsnsrv under systemd attached to a "
+                    "tailscaled unit with IPAddressDeny=localhost (the NixOS module does), or accept the risk "
+                    "with --allow-unconfined-tailscaled") from None
             log.error(UNCONFINED_WARNING, exc)
             return
         finally:

@@ -101,3 +101,21 @@ def test_control_sockets_on_this_machine_finds_only_sockets(env, tmp_path):
     assert base / "books" / "control.sock" in found
     assert base / "decoy" / "control.sock" not in found
     assert found == sorted(found)
+
+
+def test_a_private_directory_is_made_0700_and_accepted(tmp_path):
+    assert paths.private_directory_problem(tmp_path / "rt") is None
+    assert (tmp_path / "rt").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_directory_someone_else_could_write_is_refused(tmp_path):
+    shared = tmp_path / "rt"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert "must be yours and private (0700)" in paths.private_directory_problem(shared)
+
+
+def test_a_symlink_planted_in_place_of_the_directory_is_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "rt").symlink_to(tmp_path / "elsewhere")
+    assert "not a directory but a link" in paths.private_directory_problem(tmp_path / "rt")

@@ -86,3 +86,26 @@ def test_preparing_the_state_dir_hands_it_over_without_following_links(tmp_path)
     assert (state / "sub" / "file").stat().st_uid == nobody.pw_uid
     assert os.lstat(state / "link").st_uid == nobody.pw_uid
     assert outside.stat().st_uid == os.geteuid()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_without_the_loopback_guard_tailscaled_runs_only_when_allowed(monkeypatch, tmp_path, allowed):
+    import socket
+
+    from tsnsrv import tailscaled as module
+    from tsnsrv.confine import ConfinementUnavailable
+
+    def unavailable(_channel, _timeout):
+        raise ConfinementUnavailable("seccomp user notification not supported")
+    monkeypatch.setattr(module, "receive_listener", unavailable)
+    cfg = load({"name": "books", "toURL": "http://127.0.0.1:8083", "allowUnconfinedTailscaled": allowed})
+    daemon = SpawnedTailscaled(cfg, tmp_path, tmp_path / "s.sock", set())
+    parent, child = socket.socketpair()
+    child.close()
+    if allowed:
+        await daemon._start_guard(parent)
+        assert daemon.confined is False
+    else:
+        with pytest.raises(TailscaledStartError, match="--allow-unconfined-tailscaled"):
+            await daemon._start_guard(parent)
