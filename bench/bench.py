@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import platform
-import pwd
 import re
 import shutil
 import signal
@@ -44,7 +43,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from harness.headscale import ALLOW_ALL_POLICY, Headscale  # noqa: E402
 from harness.processes import STARTED, ManagedProcess, free_port, wait_for  # noqa: E402
 from harness.tailnet import ClientDevice, NetworkNamespace, TailscaleNode, offline_env  # noqa: E402
-from harness.tsnsrv import TAILSCALED_TEST_USER, Tsnsrv, tsnsrv_command  # noqa: E402
+from harness.tsnsrv import Tsnsrv, ensure_tailscaled_test_user, tsnsrv_command  # noqa: E402
 
 CANDIDATES = ("limit", "go-tsnsrv", "tsnsrv")
 MIB = 1 << 20
@@ -1135,11 +1134,7 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"bench: {tool} is missing; run scripts/bootstrap", file=sys.stderr)
             return 1
-    try:
-        pwd.getpwnam(TAILSCALED_TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        TAILSCALED_TEST_USER], check=True)
+    ensure_tailscaled_test_user()
 
     def terminate(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")

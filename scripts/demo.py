@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -23,7 +22,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from harness.headscale import ALLOW_ALL_POLICY, Headscale  # noqa: E402
 from harness.tailnet import ClientDevice, NetworkNamespace, TailscaleNode  # noqa: E402
-from harness.tsnsrv import TAILSCALED_TEST_USER, Tsnsrv, tsnsrv_command  # noqa: E402
+from harness.tsnsrv import Tsnsrv, ensure_tailscaled_test_user, tsnsrv_command  # noqa: E402
 from harness.upstream import Upstream, echo  # noqa: E402
 
 
@@ -45,11 +44,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("the demo needs root: it creates a network namespace for the client device", file=sys.stderr)
         return 1
-    try:
-        pwd.getpwnam(TAILSCALED_TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        TAILSCALED_TEST_USER], check=True)
+    ensure_tailscaled_test_user()
     work = Path(tempfile.mkdtemp(prefix="tsnsrv-demo-", dir="/var/tmp"))
     work.chmod(0o711)
     netns = NetworkNamespace(f"tsndemo{os.getpid() % 10000}", "198.18.250.1", "198.18.250.2").create()

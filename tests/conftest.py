@@ -9,7 +9,6 @@ When a test fails, the logs of every process it started are attached to its repo
 from __future__ import annotations
 
 import os
-import pwd
 import socket
 import subprocess
 import tempfile
@@ -21,7 +20,7 @@ import pytest
 from harness.headscale import ALLOW_ALL_POLICY, Headscale
 from harness.processes import STARTED, free_port
 from harness.tailnet import ClientDevice, NetworkNamespace, SocksClient, TailscaleNode
-from harness.tsnsrv import TAILSCALED_TEST_USER, Tsnsrv
+from harness.tsnsrv import Tsnsrv, ensure_tailscaled_test_user
 from harness.upstream import Upstream
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,12 +61,7 @@ def tailscaled_user() -> str | None:
     """Root runs tsnsrv with --tailscaled-user; make sure that account exists."""
     if os.geteuid() != 0:
         return None
-    try:
-        pwd.getpwnam(TAILSCALED_TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        TAILSCALED_TEST_USER], check=True)
-    return TAILSCALED_TEST_USER
+    return ensure_tailscaled_test_user()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
-import subprocess
 import threading
 from pathlib import Path
 

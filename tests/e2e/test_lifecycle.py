@@ -14,8 +14,7 @@ from harness.fake_oauth import FakeTailscaleAPI
 from harness.notify import NotifySocket
 from harness.processes import wait_for
 from harness.tailnet import TailscaleNode
-from harness.tsnsrv import Tsnsrv, tsnsrv_command
-from harness.upstream import echo
+from harness.tsnsrv import tsnsrv_command
 
 
 def ok(client, service) -> bool:

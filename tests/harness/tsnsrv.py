@@ -5,8 +5,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import pwd
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +19,16 @@ from .processes import ManagedProcess, wait_for
 from .tailnet import TailscaleNode, offline_env
 
 TAILSCALED_TEST_USER = "tsnsrv-test"
+
+
+def ensure_tailscaled_test_user() -> str:
+    """The account tailscaleds spawned by root run as (tsnsrv insists on one); created once."""
+    try:
+        pwd.getpwnam(TAILSCALED_TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        TAILSCALED_TEST_USER], check=True)
+    return TAILSCALED_TEST_USER
 
 
 def tsnsrv_command() -> str:
