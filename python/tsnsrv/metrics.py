@@ -77,9 +77,10 @@ class Metrics:
         self.certificate_expiry = Gauge("tsnsrv_certificate_expiry_timestamp_seconds",
                                         "Expiry time of the TLS certificate being served", registry=r)
         self.node_running = Gauge("tsnsrv_node_running", "1 while the node is Running on the tailnet", registry=r)
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.tailscaled_restarts = Counter("tsnsrv_tailscaled_restarts", "Restarts of the spawned tailscaled",
                                            registry=r)
+        # (responses, request_duration) children per label set, for observe_response
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def observe_response(self, status: int, source: str, seconds: float) -> None:
         status_class = f"{status // 100}xx"

@@ -117,7 +117,9 @@ class Node:
         self._on_warnings = on_warnings
         self.backend_state = "Unknown"
         self.info: NodeInfo | None = None
-        self.health_warnings: dict[str, str] = {}  # tailscaled's unhealthy parts, by code
+        self.health_warnings: dict[str, str] = {}  # what is unhealthy, by code: tailscaled's, and ours
+        self._tailscaled_warnings: dict[str, str] = {}
+        self._control_lost = False
         self._printed_url = ""
 
     def _state_changed(self, state: str) -> None:
@@ -236,27 +238,28 @@ class Node:
                 log.warning("lost contact with the control server (%s): still serving with the last network map, "
                             "but new peers and policy changes will not arrive until it is back",
                             self.cfg.login_server_url or DEFAULT_CONTROL_URL)
-                self._publish_warnings({**self.health_warnings, CONTROL_LOST: "control server unreachable"})
             elif online and lost_at is not None:
                 log.info("back in contact with the control server after %.0fs", time.monotonic() - lost_at)
                 lost_at = None
-                self._publish_warnings({code: text for code, text in self.health_warnings.items()
-                                        if code != CONTROL_LOST})
+            self._control_lost = lost_at is not None
+            self._publish_warnings()
 
     def _health_changed(self, warnings: dict[str, Any]) -> None:
         """Log what became unhealthy (control server unreachable, no DERP, ...) and what recovered."""
         current = {code: (w.get("Text") or w.get("Title") or code).strip() for code, w in warnings.items()
                    if w.get("Severity") != "low"}
-        if CONTROL_LOST in self.health_warnings:
-            current[CONTROL_LOST] = self.health_warnings[CONTROL_LOST]
         for code, text in current.items():
-            if code not in self.health_warnings:
+            if code not in self._tailscaled_warnings:
                 log.warning("tailnet health: %s (%s)", text, code)
-        for code in self.health_warnings.keys() - current.keys():
+        for code in self._tailscaled_warnings.keys() - current.keys():
             log.info("tailnet health: %s recovered", code)
-        self._publish_warnings(current)
+        self._tailscaled_warnings = current
+        self._publish_warnings()
 
-    def _publish_warnings(self, current: dict[str, str]) -> None:
+    def _publish_warnings(self) -> None:
+        current = dict(self._tailscaled_warnings)
+        if self._control_lost:
+            current[CONTROL_LOST] = "control server unreachable"
         if current != self.health_warnings:
             self.health_warnings = current
             self._on_warnings(current)

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Iterator
 
 import attrs
 
@@ -60,24 +61,46 @@ def _packed(address: str) -> tuple[int, bytes]:
     return family, ip.packed.ljust(16, b"\0")
 
 
+def _sock_diag(family: int, states: int, sockid: bytes, dump: bool) -> Iterator[bytes]:
+    """Ask the kernel about TCP sockets; yields each answer (an inet_diag_msg).
+
+    One socket when `sockid` names it exactly, or, with `dump`, every one in `states`."""
+    request = REQUEST.pack(family, socket.IPPROTO_TCP, 0, states) + sockid
+    flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+        nl.sendto(NLMSGHDR.pack(NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, flags, 1, 0) + request, (0, 0))
+        while True:
+            reply, offset = nl.recv(65536), 0
+            while offset < len(reply):
+                length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(reply, offset)
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    errno = -struct.unpack_from("=i", reply, offset + NLMSGHDR.size)[0]
+                    raise PeerLookupError(os.strerror(errno))
+                if kind != SOCK_DIAG_BY_FAMILY:
+                    raise PeerLookupError(f"unexpected sock_diag reply type {kind}")
+                yield reply[offset + NLMSGHDR.size:offset + length]
+                if not dump:
+                    return
+                offset += (length + 3) & ~3
+
+
+def _sockid(sport: int, dport: int, src: bytes, dst: bytes) -> bytes:
+    return SOCKID.pack(sport, dport, src, dst) + SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+
+
 def tcp_socket_owner(local: tuple[str, int], remote: tuple[str, int]) -> SocketOwner:
     """Owner of the TCP socket bound to `local` and connected to `remote` (in this netns)."""
     family, src = _packed(local[0])
     _, dst = _packed(remote[0])
-    request = (REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF)
-               + SOCKID.pack(local[1], remote[1], src, dst)
-               + SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
-    message = NLMSGHDR.pack(NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + request
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
-        nl.sendto(message, (0, 0))
-        reply = nl.recv(8192)
-    length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(reply)
-    if kind == NLMSG_ERROR:
-        errno = -struct.unpack_from("=i", reply, NLMSGHDR.size)[0]
-        raise PeerLookupError(f"no socket {local} -> {remote}: {os.strerror(errno)}")
-    if kind != SOCK_DIAG_BY_FAMILY or length < NLMSGHDR.size + MSG_UID_OFFSET + MSG_UID_INODE.size:
-        raise PeerLookupError(f"unexpected sock_diag reply type {kind}")
-    uid, inode = MSG_UID_INODE.unpack_from(reply, NLMSGHDR.size + MSG_UID_OFFSET)
+    try:
+        message = next(_sock_diag(family, 0xFFFFFFFF, _sockid(local[1], remote[1], src, dst), dump=False), b"")
+    except PeerLookupError as exc:
+        raise PeerLookupError(f"no socket {local} -> {remote}: {exc}") from None
+    if len(message) < MSG_UID_OFFSET + MSG_UID_INODE.size:
+        raise PeerLookupError(f"no usable sock_diag answer for {local} -> {remote}")
+    uid, inode = MSG_UID_INODE.unpack_from(message, MSG_UID_OFFSET)
     return SocketOwner(uid, inode)
 
 
@@ -86,30 +109,13 @@ def unfinished_connections(local: tuple[str, int]) -> int:
 
     After tsnsrv closes a front connection, tailscaled still has to hand the last bytes
     to the client; it closes its end once the client has them and has hung up."""
-    family, _ = _packed(local[0])
+    family, want_src = _packed(local[0])
     states = sum(1 << state for state in TCP_UNFINISHED)
-    request = (REQUEST.pack(family, socket.IPPROTO_TCP, 0, states)
-               + SOCKID.pack(0, 0, bytes(16), bytes(16)) + SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
-    message = (NLMSGHDR.pack(NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-               + request)
-    _, want_src = _packed(local[0])
     count = 0
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
-        nl.sendto(message, (0, 0))
-        while True:
-            reply = nl.recv(65536)
-            offset = 0
-            while offset < len(reply):
-                length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(reply, offset)
-                if kind == NLMSG_DONE:
-                    return count
-                if kind == NLMSG_ERROR:
-                    errno = -struct.unpack_from("=i", reply, offset + NLMSGHDR.size)[0]
-                    raise PeerLookupError(f"sock_diag dump failed: {os.strerror(errno)}")
-                sport, _dport, src, _dst = SOCKID.unpack_from(reply, offset + NLMSGHDR.size + 4)
-                if sport == local[1] and src == want_src:
-                    count += 1
-                offset += (length + 3) & ~3
+    for message in _sock_diag(family, states, _sockid(0, 0, bytes(16), bytes(16)), dump=True):
+        sport, _dport, src, _dst = SOCKID.unpack_from(message, 4)
+        count += sport == local[1] and src == want_src
+    return count
 
 
 class TailscaledPeerCheck:

@@ -457,7 +457,8 @@ class Service:
         await self.proxy.close_websockets()
         await asyncio.gather(*(listener.web_server.shutdown(self.cfg.shutdown_timeout)
                                for listener in self.forwards.values()))
-        await self._let_tailscaled_deliver()
+        if self.daemon is not None:  # an attached tailscaled keeps running and delivers anyway
+            await self._let_tailscaled_deliver()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
