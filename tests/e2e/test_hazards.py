@@ -130,9 +130,8 @@ def test_a_local_process_cannot_forge_a_tailnet_identity(make_tsnsrv, upstream, 
         impostors.append(["setpriv", f"--reuid={tailscaled_user}", f"--regid={tailscaled_user}", "--clear-groups",
                           sys.executable])
     for impostor in impostors:
-        result = subprocess.run([*impostor, "-m", "harness.proxyclient", front_host, front_port,
-                                 laptop.node.ipv4, service.ip], capture_output=True, timeout=30,
-                                cwd=proxyclient.HARNESS_PARENT)
+        result = subprocess.run(proxyclient.forger_argv(impostor, front_host, front_port, laptop.node.ipv4,
+                                                        service.ip), capture_output=True, timeout=30, cwd="/")
         assert result.stdout.decode().strip() == "closed without an answer", (impostor, result)
 
     assert len(upstream.requests) == before
