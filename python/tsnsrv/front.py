@@ -111,6 +111,7 @@ class FrontListener:
         self.accept_tailnet = accept_tailnet
         self.accept_funnel = accept_funnel
         self._socket: socket.socket | None = None
+        self.port = 0  # until bound
         self._accept_task: asyncio.Task | None = None
         self._admissions: set[asyncio.Task] = set()
         self._last_refusal_log = 0.0
@@ -123,12 +124,8 @@ class FrontListener:
         sock.listen(1024)
         sock.setblocking(False)
         self._socket = sock
-        return sock.getsockname()[1]
-
-    @property
-    def port(self) -> int:
-        assert self._socket is not None
-        return self._socket.getsockname()[1]
+        self.port = sock.getsockname()[1]  # kept: still needed to watch connections drain after closing
+        return self.port
 
     @property
     def accepting(self) -> bool:

@@ -142,6 +142,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(make_tsnsrv
     assert service.process.wait(30) == 0
     log = service.log()
     assert "finishing in-flight requests" in log and "stopped" in log
+    assert "cannot tell whether tailscaled delivered" not in log, "the delivery wait must have watched the front port"
 
 
 WEBSOCKET_HELD = """
