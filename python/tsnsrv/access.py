@@ -5,10 +5,18 @@ and "/api/x" but not "/apiary", and a deny prefix cannot be dodged by writing
 "/%61dmin". Paths with dot segments or doubled slashes are not matched at all; the
 proxy redirects them to their clean form first (as Go's ServeMux does for the Go
 tsnsrv), so "/public/../admin" never reaches the upstream.
+
+An upstream does not always route the path it is sent the way Go would: Node's URL
+parser and browsers read "\" as "/", servlet containers drop ";params" from every
+segment (so "/x/..;/admin" is "/admin" to Tomcat), Express matches routes regardless of
+case, and some stacks decode twice. A request passes only if every one of those readings
+(`routing_views`) passes: a deny prefix or rule that covers any reading refuses it, and
+an allow-list must hold for all of them. Requests that pass are forwarded unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from collections.abc import Sequence
 from urllib.parse import unquote
@@ -39,11 +47,13 @@ class Prefix:
         return self.applies(provenance) and path_has_prefix(path, self.path)
 
     def covers(self, path: str, provenance: str) -> bool:
-        """`matches`, and for a prefix written with a trailing slash also the bare
-        directory: denying "/admin/" must deny "/admin" too."""
-        if self.matches(path, provenance):
-            return True
-        return self.applies(provenance) and len(self.path) > 1 and self.path.endswith("/") and path == self.path[:-1]
+        """Whether a refusal by this prefix reaches `path`: `matches` regardless of case
+        (routers such as Express ignore it), and for a prefix written with a trailing
+        slash also the bare directory: denying "/admin/" must deny "/admin" too."""
+        if not self.applies(provenance):
+            return False
+        path, own = path.casefold(), self.path.casefold()
+        return path_has_prefix(path, own) or (len(own) > 1 and own.endswith("/") and path == own[:-1])
 
     def __str__(self) -> str:
         return f"{self.applies_to}:{self.path}" if self.applies_to else self.path
@@ -68,6 +78,28 @@ def clean_path(path: str) -> str:
     return cleaned
 
 
+@functools.lru_cache(maxsize=4096)
+def routing_views(raw_path: str) -> frozenset[str]:
+    """Every clean path that a common upstream stack may route the raw request path to."""
+    decoded = unquote(raw_path)
+    # Stacks that decode twice (or pass "%2e%2e" on to code that decodes again).
+    readings = {decoded, unquote(decoded)} if "%" in decoded else {decoded}
+    if any("\\" in reading for reading in readings):  # Node, browsers; also a decoded %5C
+        readings |= {reading.replace("\\", "/") for reading in readings}
+    if any(";" in reading for reading in readings):  # servlet containers' path parameters
+        readings |= {_without_path_parameters(reading) for reading in readings}
+    return frozenset(clean_path(reading) for reading in readings)
+
+
+def _without_path_parameters(path: str) -> str:
+    return "/".join(segment.partition(";")[0] for segment in path.split("/"))
+
+
+def has_control_characters(path: str) -> bool:
+    """NUL, CR, LF and friends: no web path has them, and some stacks cut the path there."""
+    return any(ord(char) < 0x20 or ord(char) == 0x7F for char in path)
+
+
 @attrs.frozen
 class PathDecision:
     allowed: bool
@@ -86,15 +118,18 @@ class PathPolicy:
         return cls(tuple(map(Prefix.parse, allow)), tuple(map(Prefix.parse, deny)), strip)
 
     def decide(self, raw_path: str, provenance: str) -> PathDecision:
-        path = unquote(raw_path)
+        if not self.deny and not self.allow:
+            return PathDecision(True, raw_path)
+        views = routing_views(raw_path)
         for prefix in self.deny:
-            if prefix.covers(path, provenance):
+            if any(prefix.covers(view, provenance) for view in views):
                 return PathDecision(False, reason=f"path is under deny prefix {prefix}")
         if not self.allow:
             return PathDecision(True, raw_path)
         for prefix in self.allow:
-            # The raw path must carry the prefix literally too, so that stripping it is exact.
-            if prefix.matches(path, provenance) and path_has_prefix(raw_path, prefix.path):
+            # Every reading must be under the prefix, and the raw path must carry it
+            # literally too, so that stripping it is exact.
+            if all(prefix.matches(view, provenance) for view in views) and path_has_prefix(raw_path, prefix.path):
                 if not self.strip:
                     return PathDecision(True, raw_path)
                 rest = raw_path[len(prefix.path):]
@@ -175,8 +210,20 @@ class AccessPolicy:
     def from_rules(cls, rules: Sequence[AccessRule]) -> AccessPolicy:
         return cls(tuple((rule, Prefix.parse(rule.prefix)) for rule in rules))
 
-    def decide(self, path: str, provenance: str, identity: Identity | None,
+    def decide(self, raw_path: str, provenance: str, identity: Identity | None,
                identity_unavailable: bool = False) -> AccessDecision:
+        """Refused if any reading of the path (`routing_views`) is refused."""
+        if not self.rules:
+            return AccessDecision(True, "no rule applies")
+        decision = AccessDecision(True, "no rule applies")
+        for view in sorted(routing_views(raw_path)):
+            decision = self._decide_view(view, provenance, identity, identity_unavailable)
+            if not decision.allowed:
+                return decision
+        return decision
+
+    def _decide_view(self, path: str, provenance: str, identity: Identity | None,
+                     identity_unavailable: bool) -> AccessDecision:
         """First matching rule wins. Without a match, a path covered by an allow rule is
         denied (allow rules make an allow-list for their prefix); anything else passes.
 

@@ -22,7 +22,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
 from yarl import URL
 
-from .access import AccessPolicy, Identity, PathPolicy, clean_path
+from .access import AccessPolicy, Identity, PathPolicy, clean_path, has_control_characters
 from .config import ServiceConfig
 from .front import Peer
 from .identity import IdentityUnavailable, WhoisCache, is_spoofable, serve_headers, tsnsrv_headers
@@ -223,11 +223,15 @@ class Proxy:
                               "400 Bad Request: the request target must be a path.")
         raw_path, _, raw_query = target.partition("?")
         decoded = unquote(raw_path)
+        if has_control_characters(decoded):
+            return self._deny(exchange, 400, "target", f"request path {raw_path[:100]!r} has control characters",
+                              "400 Bad Request: the request path has control characters.")
         clean = clean_path(decoded)
         if clean != decoded:
+            # 308, not 301: a POST must stay a POST.
             location = quote(clean) + ("?" + raw_query if raw_query else "")
             exchange.note = "redirected to clean path"
-            return web.Response(status=301, headers={"Location": location})
+            return web.Response(status=308, headers={"Location": location})
         path_decision = self.paths.decide(raw_path, peer.provenance)
         if not path_decision.allowed:
             return self._deny(exchange, 404, "prefix", path_decision.reason)
@@ -239,7 +243,7 @@ class Proxy:
             except IdentityUnavailable:
                 identity_unavailable = True
         exchange.identity = identity
-        access = self.access.decide(decoded, peer.provenance, identity, identity_unavailable)
+        access = self.access.decide(raw_path, peer.provenance, identity, identity_unavailable)
         if access.unavailable:
             return self._deny(exchange, 503, "identity_unavailable", access.reason,
                               f"503 Service Unavailable: {self.cfg.name} could not check who you are; try again.")

@@ -48,7 +48,7 @@ def test_dot_segments_are_redirected_not_proxied(api_only, laptop, upstream):
     result = laptop.curl("--path-as-is", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
                          f"http://{api_only.ip}/api/../api/internal/x")
     code, location = result.stdout.decode().split(" ", 1)
-    assert code == "301"
+    assert code == "308"
     assert location.endswith("/api/internal/x")
     assert len(upstream.requests) == before
 

@@ -122,7 +122,7 @@ def denied(proxy: Proxy, reason: str) -> float:
 ])
 async def test_unclean_paths_are_redirected(tmp_path, target, location):
     response = await handle(make_proxy(tmp_path), target)
-    assert response.status == 301
+    assert response.status == 308
     assert response.headers["Location"] == location
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from test_front import exchange, fronts, make_front, request, upstream  # noqa: F401 (fixtures)
 from tsnsrv import proxyproto
-from tsnsrv.access import PathPolicy
-from tsnsrv.config import load
+from tsnsrv.access import AccessPolicy, Identity, PathPolicy, has_control_characters, routing_views
+from tsnsrv.config import AccessRule, load
 from tsnsrv.identity import WhoisCache, is_spoofable
 from tsnsrv.metrics import Metrics
 from tsnsrv.proxy import Proxy
@@ -70,3 +70,49 @@ def test_a_deny_prefix_with_a_trailing_slash_covers_the_bare_directory():
     assert not policy.decide("/admin", "tailnet").allowed
     assert not policy.decide("/admin/x", "tailnet").allowed
     assert policy.decide("/administrator", "tailnet").allowed
+
+
+# --- every reading of a path that some upstream routes by ---------------------------
+
+@pytest.mark.parametrize(("raw", "reading"), [
+    ("/api\\admin", "/api/admin"),             # Node's URL parser, browsers
+    ("/api/%5Cadmin", "/api/admin"),           # a decoded backslash
+    ("/api/admin;x", "/api/admin"),            # servlet path parameters
+    ("/api;x/admin", "/api/admin"),
+    ("/api/x/..;/admin", "/api/admin"),        # Tomcat drops ";" and then resolves ".."
+    ("/api/public\\..\\admin", "/api/admin"),
+    ("/api/%2561dmin", "/api/admin"),          # decoded twice
+])
+def test_routing_views_include_what_upstreams_route_to(raw, reading):
+    assert reading in routing_views(raw)
+
+
+def test_an_ordinary_path_has_one_reading():
+    assert routing_views("/api/public/books") == {"/api/public/books"}
+
+
+@pytest.mark.parametrize("raw", ["/api\\admin", "/API/admin", "/api/Admin/x", "/api/admin;jsessionid=1",
+                                 "/api/x/..;/admin", "/api/%2561dmin", "/api/public\\..\\admin"])
+def test_a_deny_prefix_holds_for_every_spelling(raw):
+    assert not PathPolicy.from_config([], ["/api/admin"], True).decide(raw, "tailnet").allowed
+
+
+@pytest.mark.parametrize("raw", ["/api/admin;x", "/API/ADMIN", "/api\\admin", "/api/public/..;/admin"])
+def test_identity_rules_hold_for_every_spelling(raw):
+    rules = AccessPolicy.from_rules([AccessRule.parse("deny /api/admin user:alice"),
+                                     AccessRule.parse("allow /api/ops tag:ci")])
+    alice = Identity(login_name="alice", node_name="laptop")
+    assert not rules.decide(raw, "tailnet", alice).allowed
+    assert not rules.decide(raw.replace("admin", "ops").replace("ADMIN", "OPS"), "tailnet", alice).allowed
+
+
+def test_an_allow_list_must_hold_for_every_reading():
+    policy = PathPolicy.from_config(["/public"], [], True)
+    assert policy.decide("/public/file;v=2", "tailnet").allowed
+    assert not policy.decide("/public/..;/admin", "tailnet").allowed
+    assert not policy.decide("/public\\..\\admin", "tailnet").allowed
+
+
+def test_control_characters_are_spotted():
+    assert has_control_characters("/api/admin\x00.png") and has_control_characters("/a\nb")
+    assert not has_control_characters("/api/caf\u00e9")

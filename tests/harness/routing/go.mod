@@ -1,0 +1,3 @@
+module tsnsrv.local/routing-upstream
+
+go 1.22
