@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,13 +166,15 @@ class TsnsrvFactory:
         self.started: list[Tsnsrv] = []
 
     def __call__(self, name: str, upstream_url: str, *flags: str, auth_key: str | None = "alice", start: bool = True,
-                 workdir: Path | None = None, plaintext: bool = True, env: dict[str, str] | None = None) -> Tsnsrv:
+                 workdir: Path | None = None, plaintext: bool = True, env: dict[str, str] | None = None,
+                 **options: Any) -> Tsnsrv:
+        """`options` go to Tsnsrv (login_server, command_prefix)."""
         key = self.headscale.auth_key(auth_key) if auth_key in ("alice", "bob") else auth_key
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.service_root))
             workdir.chmod(0o711)
         service = Tsnsrv(name, upstream_url, workdir, self.bin_dir, self.headscale, key, list(flags), env=env,
-                         plaintext=plaintext)
+                         plaintext=plaintext, **options)
         self.started.append(service)
         if start:
             service.start(clients=self.clients)

@@ -8,10 +8,19 @@ this with IPAddressDeny=localhost on the tailscaled unit. Without systemd, and
 without root, the strongest mechanism is a seccomp filter with a user-space
 supervisor (SECCOMP_RET_USER_NOTIF, Linux >= 5.5): every connect() and bind() of the
 spawned tailscaled is shown to tsnsrv, which reads the target address from the
-daemon's memory and refuses loopback destinations other than an allow-list (the
-front listener, a loopback control server or DNS resolver). Loopback binds are
-refused outright, which is what the UDP forwarder needs first. Other system calls,
-including the per-packet ones, never leave the kernel.
+daemon's memory and decides (`LoopbackPolicy`). IPv4 loopback UDP binds are refused
+outright, which is what the UDP forwarder needs first. Other system calls, including
+the per-packet ones, never leave the kernel.
+
+The forwarder dials only 127.0.0.1 (for the node's IPv4 and IPv6 alike), so its targets
+are exactly the endpoints tailscaled may itself need on 127.0.0.1 or ::1: a resolver
+(dnsmasq, unbound, Pi-hole) or a control server there. Those are told apart by kind, not
+by address: DNS may use connected UDP sockets, which the forwarder never makes (its
+loopback binds are refused), but no TCP; and the control server's port is open only
+while no peer can reach the forwarder on it: while the node is shields-up (no inbound
+connections at all) or its Serve config claims that port. tsnsrv holds tailscaled's
+control connects until then. Other loopback addresses (127.0.0.2 for the front
+listener, systemd-resolved's 127.0.0.53) are never forwarder targets.
 
 If tsnsrv dies, the kernel fails the filtered calls (ENOSYS): the guard fails closed.
 A check-then-continue supervisor cannot stop a process that rewrites its own memory
@@ -39,6 +48,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+
+import attrs
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +227,51 @@ def _parse_sockaddr(raw: bytes) -> Endpoint | None:
     return None
 
 
+def reaches_forwarder_targets(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether a connection to `ip` could be one the forwarder makes for a peer: 127.0.0.1
+    itself, ::1 to be safe, and the unspecified addresses that reach this host's loopback."""
+    return ip in (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")) or ip.is_unspecified
+
+
+@attrs.frozen
+class LoopbackPolicy:
+    """What a guarded tailscaled may connect to on host loopback."""
+
+    allowed: frozenset[Endpoint] = frozenset()  # never forwarder targets: front listeners, 127.0.0.53
+    resolvers: frozenset[Endpoint] = frozenset()  # DNS over connected UDP sockets only
+    control: frozenset[Endpoint] = frozenset()  # forwarder targets: open only while no peer can reach them
+
+    @classmethod
+    def build(cls, front: Iterable[Endpoint], resolvers: Iterable[Endpoint], control: Iterable[Endpoint]
+              ) -> LoopbackPolicy:
+        resolvers, control = set(resolvers), set(control)
+        safe = {endpoint for endpoint in resolvers | control if not reaches_forwarder_targets(endpoint[0])}
+        return cls(frozenset(set(front) | safe), frozenset(resolvers), frozenset(control - safe))
+
+    def with_front(self, endpoints: Iterable[Endpoint]) -> LoopbackPolicy:
+        return attrs.evolve(self, allowed=self.allowed | frozenset(endpoints))
+
+    @property
+    def control_ports(self) -> set[int]:
+        """Tailnet ports the node must claim before its control connections may proceed unshielded."""
+        return {port for _ip, port in self.control}
+
+
+HOLD = -1  # a decision: keep the caller waiting until the control gate opens
+
+
 class LoopbackGuard:
     """Supervises the seccomp notifications of one tailscaled process tree."""
 
-    def __init__(self, listener_fd: int, allowed: Iterable[Endpoint] = ()):
+    CONTROL_HOLD_SECONDS = 30.0
+
+    def __init__(self, listener_fd: int, policy: LoopbackPolicy = LoopbackPolicy()):
         _, _, self._connect_nr, self._bind_nr, _ = _arch()
         self._fd = listener_fd
-        self._allowed: frozenset[Endpoint] = frozenset(allowed)
+        self.policy = policy
+        self._control_open = False
+        self._held: list[tuple[int, float, Endpoint]] = []
+        self._wake_read, self._wake_write = os.pipe()
         self._stopping = False
         self._last_logged: dict[tuple[str, Endpoint], float] = {}
         self.refused = 0
@@ -230,22 +279,37 @@ class LoopbackGuard:
         self._thread.start()
 
     def allow(self, endpoints: Iterable[Endpoint]) -> None:
-        self._allowed = self._allowed | frozenset(endpoints)
+        self.policy = self.policy.with_front(endpoints)
+
+    def open_control(self) -> None:
+        """No peer can reach the forwarder on the control ports any more (shields up, or claimed)."""
+        self._control_open = True
+        os.write(self._wake_write, b"!")
 
     def stop(self) -> None:
         self._stopping = True
+        os.write(self._wake_write, b"!")
         self._thread.join(timeout=2)
         os.close(self._fd)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
 
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_read, select.POLLIN)
         while not self._stopping:
-            events = poller.poll(200)
-            if any(mask & (select.POLLHUP | select.POLLERR) for _, mask in events):
+            timeout = 200.0
+            if self._held:
+                timeout = max(0.0, min(timeout, (min(d for _, d, _ in self._held) - time.monotonic()) * 1000))
+            events = dict(poller.poll(timeout))
+            if events.get(self._fd, 0) & (select.POLLHUP | select.POLLERR):
                 return  # every confined process has exited
-            if events:
+            if self._wake_read in events:
+                os.read(self._wake_read, 64)
+            if events.get(self._fd, 0) & select.POLLIN:
                 self._handle_one()
+            self._answer_held()
 
     def _handle_one(self) -> None:
         buffer = bytearray(NOTIF.size)
@@ -258,14 +322,39 @@ class LoopbackGuard:
         notif_id, pid, _flags, nr, _arch_, _ip, fd, address, length, *_ = NOTIF.unpack(buffer)
         call = "connect" if nr == self._connect_nr else "bind"
         endpoint = self._read_sockaddr(pid, address, min(length, 128))
-        sock_type = _socket_type(pid, fd) if call == "bind" and endpoint and endpoint[0].version == 4 else None
+        sock_type = None
+        if endpoint and ((call == "bind" and endpoint[0].version == 4) or endpoint in self.policy.resolvers):
+            sock_type = _socket_type(pid, fd)
         if not self._id_valid(notif_id):
             return
         error = self._decide(call, endpoint, sock_type)
+        if error == HOLD:
+            assert endpoint
+            self._held.append((notif_id, time.monotonic() + self.CONTROL_HOLD_SECONDS, endpoint))
+            return
+        if error and endpoint:
+            self._log_refusal(call, endpoint)
+        self._respond(notif_id, error)
+
+    def _answer_held(self) -> None:
+        if not self._held:
+            return
+        now, waiting = time.monotonic(), []
+        for notif_id, deadline, endpoint in self._held:
+            if self._control_open:
+                self._respond(notif_id, 0)
+            elif now >= deadline:
+                log.warning("refused tailscaled's connection to the control server at %s:%d: the node did not go "
+                            "shields-up within %.0fs, and until it does a tailnet peer could reach that port",
+                            *endpoint, self.CONTROL_HOLD_SECONDS)
+                self._respond(notif_id, errno.ECONNREFUSED)
+            else:
+                waiting.append((notif_id, deadline, endpoint))
+        self._held = waiting
+
+    def _respond(self, notif_id: int, error: int) -> None:
         if error:
             self.refused += 1
-            if endpoint:
-                self._log_refusal(call, endpoint)
         flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE if error == 0 else 0
         response = bytearray(NOTIF_RESP.pack(notif_id, 0, -error, flags))
         try:
@@ -275,7 +364,7 @@ class LoopbackGuard:
                 raise
 
     def _decide(self, call: str, endpoint: Endpoint | None | bool, sock_type: int | None) -> int:
-        """0 to let the call proceed, else the errno to fail it with."""
+        """0 to let the call proceed, HOLD, or the errno to fail it with."""
         if endpoint is False:
             return errno.EPERM  # unreadable: refuse rather than guess
         if endpoint is None:
@@ -283,8 +372,13 @@ class LoopbackGuard:
         ip, _port = endpoint
         if call == "connect":
             # Connecting to 0.0.0.0 or :: reaches this host's loopback too.
-            reaches_host = ip.is_loopback or ip.is_unspecified
-            return errno.ECONNREFUSED if reaches_host and endpoint not in self._allowed else 0
+            if not (ip.is_loopback or ip.is_unspecified) or endpoint in self.policy.allowed:
+                return 0
+            if endpoint in self.policy.resolvers and sock_type == socket.SOCK_DGRAM:
+                return 0
+            if endpoint in self.policy.control:
+                return 0 if self._control_open else HOLD
+            return errno.ECONNREFUSED
         # The UDP forwarder binds 127.0.0.1 before sending to the host's port (and
         # retries with port 0), so no IPv4 loopback UDP socket may exist. Other binds
         # (netcheck's [::1]:0 IPv6 probe, TCP listeners, 0.0.0.0) reach nothing.
@@ -318,7 +412,11 @@ class LoopbackGuard:
         if now - self._last_logged.get(key, -60.0) >= 60.0:
             self._last_logged[key] = now
             ip, port = endpoint
-            if call == "connect":
+            if call == "connect" and endpoint in self.policy.resolvers:
+                log.warning("refused tailscaled's TCP connection to the resolver at %s:%d: a tailnet peer may be "
+                            "trying that port, and tailscaled's own lookups use UDP (repeats within a minute are "
+                            "not logged)", ip, port)
+            elif call == "connect":
                 log.warning("refused tailscaled's connection to host loopback %s:%d: a tailnet peer tried to reach "
                             "a port this service does not serve (repeats within a minute are not logged)", ip, port)
             else:

@@ -87,6 +87,14 @@ class TailnetConnection(RequestHandler):
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
+def reserve_closed_port(address: str) -> socket.socket:
+    """A port on `address` that nothing listens on and nobody else can take: connecting
+    there is refused. Keep the socket open for as long as the port is in use."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((address, 0))
+    return sock
+
+
 class FrontListener:
     def __init__(self, address: str, handler: Handler, peer_check: TailscaledPeerCheck, metrics: Metrics, *,
                  read_header_timeout: float, funnel_read_header_timeout: float, accept_tailnet: bool,

@@ -66,12 +66,15 @@ class NodeInfo:
         return set()
 
 
-def desired_prefs(cfg: ServiceConfig, with_auth_key: bool) -> dict[str, Any]:
+def desired_prefs(cfg: ServiceConfig, with_auth_key: bool, shields_up: bool = False) -> dict[str, Any]:
     """Everything a service node wants; `start` replaces the stored prefs with exactly these.
 
     Tags are requested only by an interactive login: a node that logs in with an auth key
     gets the key's tags (headscale refuses requested tags then, and a key minted from an
     OAuth secret carries the configured tags already), like the Go tsnsrv.
+
+    `shields_up` keeps every inbound connection out until the Serve config is in place
+    (see Node.shield_until_claimed).
     """
     return {
         "ControlURL": cfg.login_server_url or DEFAULT_CONTROL_URL,
@@ -81,7 +84,7 @@ def desired_prefs(cfg: ServiceConfig, with_auth_key: bool) -> dict[str, Any]:
         "LoggedOut": False,
         "CorpDNS": False,   # the proxy resolves nothing through the tailnet
         "RouteAll": False,  # and routes nothing through it
-        "ShieldsUp": False,  # shields-up would refuse Serve connections too
+        "ShieldsUp": shields_up,  # shields-up refuses Serve connections too, so only until it is set
         "RunSSH": False,
         "RunWebClient": False,
     }
@@ -110,9 +113,15 @@ def _banner(url: str, name: str) -> None:
 
 class Node:
     def __init__(self, cfg: ServiceConfig, api: LocalAPI, on_state: Callable[[str], None],
-                 on_warnings: Callable[[dict[str, str]], None]):
+                 on_warnings: Callable[[dict[str, str]], None], on_shielded: Callable[[], None] | None = None):
+        """`on_shielded`, if given, makes the node come up shields-up and is called once it
+        is: the loopback guard then lets tailscaled reach a control server on host loopback
+        (no peer can, as no inbound connection is accepted). Shields go down once the Serve
+        config claims the control server's port."""
         self.cfg = cfg
         self.api = api
+        self._on_shielded = on_shielded
+        self.shields_up = False
         self._on_state = on_state
         self._on_warnings = on_warnings
         self.backend_state = "Unknown"
@@ -130,6 +139,10 @@ class Node:
 
     async def bring_up(self) -> NodeInfo:
         """Log in if needed and wait until the node is Running; returns what it is on the tailnet."""
+        if self._on_shielded is not None:
+            await self.api.edit_prefs({"ShieldsUp": True, "ShieldsUpSet": True})
+            self.shields_up = True
+            self._on_shielded()
         bus = self.api.watch_ipn_bus(NOTIFY_INITIAL_STATE)
         try:
             first = await anext(bus)
@@ -161,7 +174,7 @@ class Node:
         """Log in, or edit prefs so the node runs as configured; True if a login was started."""
         status = await self.api.status()
         prefs = await self.api.prefs()
-        wanted = desired_prefs(self.cfg, with_auth_key=False)
+        wanted = desired_prefs(self.cfg, with_auth_key=False, shields_up=self.shields_up)
         control_changed = (prefs.get("ControlURL") or DEFAULT_CONTROL_URL) != wanted["ControlURL"]
         have_node_key = bool(status.get("HaveNodeKey")) and not control_changed
         # A node that has a key logs itself back in; restarting it with `start` now would
@@ -179,7 +192,7 @@ class Node:
         key = await auth_key_for_login(self.cfg)
         log.info("logging in to %s %s", self.cfg.login_server_url or DEFAULT_CONTROL_URL,
                  "with an auth key" if key else "interactively")
-        await self.api.start(desired_prefs(self.cfg, with_auth_key=key is not None), key)
+        await self.api.start(desired_prefs(self.cfg, with_auth_key=key is not None, shields_up=self.shields_up), key)
         # As `tailscale up`: a node without a node key logs in only when asked to,
         # with the auth key given to start or else in the browser.
         if key is None or not have_node_key:
@@ -200,6 +213,15 @@ class Node:
                                 f"tailnet, not {funnel_port}")
             config["AllowFunnel"] = {f"{self.info.dns_name}:{funnel_port}": True}
         current, _etag = await self.api.serve_config()
+        if self.shields_up:
+            # Funnel cannot be allowed while shields are up: claim the ports first.
+            claims_only = {"TCP": config["TCP"]}
+            if current != claims_only:
+                await self.api.set_serve_config(claims_only)
+                current = claims_only
+            await self.api.edit_prefs({"ShieldsUp": False, "ShieldsUpSet": True})
+            self.shields_up = False
+            log.info("shields down: the Serve config claims every port tailscaled itself reaches on host loopback")
         if current != config:
             await self.api.set_serve_config(config)
             log.info("serve config set: %s", json.dumps(config, sort_keys=True))

@@ -16,6 +16,7 @@ import pwd
 import resource
 import shutil
 import signal
+import socket
 import stat
 import time
 from pathlib import Path
@@ -28,9 +29,9 @@ from . import logs, paths
 from .cli import print_problems
 from .auth import AuthKeyError, OAuthUnavailable, find_credential
 from .config import ServiceConfig, option_name
-from .confine import Endpoint, resolver_endpoints
+from .confine import Endpoint, LoopbackPolicy, resolver_endpoints
 from .control import ControlServer, Health
-from .front import FrontListener
+from .front import FrontListener, reserve_closed_port
 from .identity import WhoisCache
 from .localapi import LocalAPI, LocalAPIError, TailscaledUnreachable, daemon_credentials
 from .metrics import Metrics
@@ -103,6 +104,8 @@ class Service:
         self.stop_requested = asyncio.Event()
         self.daemon: SpawnedTailscaled | None = None
         self.certificates: CertificateKeeper | None = None
+        self.claims: dict[int, str] = {}  # tailnet ports claimed only to keep peers off them
+        self._closed_port: socket.socket | None = None
         self._tasks: list[asyncio.Task] = []
 
     # --- start-up checks ---------------------------------------------------------
@@ -167,24 +170,29 @@ class Service:
             raise StartupProblem(f"{option_name('stateDir')}: {exc}") from None
         return state_dir, socket_path
 
-    def loopback_allow_list(self, front: list[FrontListener]) -> set[Endpoint]:
-        """Loopback destinations the guarded tailscaled may still connect to."""
-        allowed = {(ipaddress.ip_address(listener.address), listener.port) for listener in front}
-        allowed |= resolver_endpoints()
+    async def loopback_policy(self, front: list[FrontListener]) -> LoopbackPolicy:
+        """What the guarded tailscaled may reach on host loopback: the front listeners, DNS
+        resolvers there, and a control server that resolves there."""
+        control: set[Endpoint] = set()
         if self.cfg.login_server_url:
-            control = urlsplit(self.cfg.login_server_url)
-            port = control.port or (443 if control.scheme == "https" else 80)
-            hosts = ["127.0.0.1", "::1"] if control.hostname == "localhost" else [control.hostname or ""]
-            for host in hosts:
-                try:
-                    ip = ipaddress.ip_address(host)
-                except ValueError:
-                    continue
-                if ip.is_loopback:
-                    log.warning("the control server is on host loopback (%s:%d): tailnet peers of this service "
-                                "can reach it through the node", ip, port)
-                    allowed.add((ip, port))
-        return allowed
+            url = urlsplit(self.cfg.login_server_url)
+            port = url.port or (443 if url.scheme == "https" else 80)
+            try:
+                answers = await asyncio.get_running_loop().getaddrinfo(url.hostname, port, type=socket.SOCK_STREAM)
+            except OSError:
+                answers = []  # tailscaled will say it cannot reach the control server
+            for *_, sockaddr in answers:
+                ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+                if ip.is_loopback or ip.is_unspecified:
+                    control.add((ip, port))
+        policy = LoopbackPolicy.build({(ipaddress.ip_address(listener.address), listener.port) for listener in front},
+                                      resolver_endpoints(), control)
+        if policy.control:
+            log.info("the control server is on host loopback (%s): the node claims port(s) %s with Serve and stays "
+                     "shields-up until it does, so that no tailnet peer reaches them through it",
+                     ", ".join(f"{ip}:{port}" for ip, port in sorted(policy.control, key=str)),
+                     ", ".join(map(str, sorted(policy.control_ports))))
+        return policy
 
     # --- main --------------------------------------------------------------------
 
@@ -219,12 +227,21 @@ class Service:
             host, _, port = cfg.metrics_addr.rpartition(":")
             await self.control.start_tcp(host.strip("[]"), int(port))
 
+        shield_until_claimed = False
         if state_dir is not None:
-            self.daemon = SpawnedTailscaled(cfg, state_dir, socket_path,
-                                            self.loopback_allow_list(list(self.forwards.values())))
+            loopback = await self.loopback_policy(list(self.forwards.values()))
+            self.daemon = SpawnedTailscaled(cfg, state_dir, socket_path, loopback)
             self.daemon.prepare()
+            shield_until_claimed = bool(loopback.control)
+            if loopback.control_ports - self.forwards.keys():
+                # Claimed so that the forwarder never dials them for a peer: tailscaled
+                # itself connects there. They forward to a port that refuses connections.
+                self._closed_port = reserve_closed_port(cfg.front_address)
+                closed = self._host_port(cfg.front_address, self._closed_port.getsockname()[1])
+                self.claims = {port: closed for port in loopback.control_ports - self.forwards.keys()}
         self.node = Node(cfg, self.api, self._node_state_changed,
-                         lambda warnings: setattr(self.health, "warnings", dict(warnings)))
+                         lambda warnings: setattr(self.health, "warnings", dict(warnings)),
+                         on_shielded=self.daemon.open_control if shield_until_claimed and self.daemon else None)
         if self.notifier.watchdog_interval:
             self._tasks.append(asyncio.create_task(self._watchdog()))
         if self.notifier.enabled:
@@ -290,7 +307,8 @@ class Service:
                 if first:
                     await self._load_certificate()
                 await self.node.apply_serve_config(
-                    {port: f"{self._host_port(listener)}" for port, listener in self.forwards.items()},
+                    {**self.claims, **{port: self._host_port(listener.address, listener.port)
+                                       for port, listener in self.forwards.items()}},
                     self.cfg.effective_listen_port if self.cfg.funnel else None)
                 self.health.serve_config = True
                 if first:
@@ -332,9 +350,9 @@ class Service:
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
     @staticmethod
-    def _host_port(listener: FrontListener) -> str:
-        host = f"[{listener.address}]" if ":" in listener.address else listener.address
-        return f"{host}:{listener.port}"
+    def _host_port(address: str, port: int) -> str:
+        host = f"[{address}]" if ":" in address else address
+        return f"{host}:{port}"
 
     async def _connect_tailscaled(self) -> None:
         if self.daemon is not None:
@@ -473,4 +491,6 @@ class Service:
         await self.proxy.close()
         await self.api.close()
         await self.control.close()
+        if self._closed_port is not None:
+            self._closed_port.close()
         log.info("stopped")

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from .config import ServiceConfig
-from .confine import ConfinementUnavailable, Endpoint, LoopbackGuard, receive_listener
+from .confine import ConfinementUnavailable, LoopbackGuard, LoopbackPolicy, receive_listener
 from .localapi import LocalAPI, LocalAPIError, TailscaledUnreachable
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,11 @@ class StateDirLock:
 
 
 class SpawnedTailscaled:
-    def __init__(self, cfg: ServiceConfig, state_dir: Path, socket_path: Path, loopback_allowed: set[Endpoint]):
+    def __init__(self, cfg: ServiceConfig, state_dir: Path, socket_path: Path, loopback: LoopbackPolicy):
         self.cfg = cfg
         self.state_dir = state_dir
         self.socket_path = socket_path
-        self.loopback_allowed = set(loopback_allowed)
+        self.loopback = loopback
         self.process: asyncio.subprocess.Process | None = None
         self.guard: LoopbackGuard | None = None
         self.confined = False
@@ -102,10 +102,10 @@ class SpawnedTailscaled:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def allow_loopback(self, endpoints: set[Endpoint]) -> None:
-        self.loopback_allowed |= endpoints
+    def open_control(self) -> None:
+        """The node is shields-up or claims the control ports: let held control connects through."""
         if self.guard is not None:
-            self.guard.allow(endpoints)
+            self.guard.open_control()
 
     def prepare(self) -> None:
         """Create directories owned by the daemon's account and check the binary (before anything runs)."""
@@ -180,7 +180,7 @@ class SpawnedTailscaled:
             channel.close()
         if self.guard is not None:
             self.guard.stop()
-        self.guard = LoopbackGuard(listener, self.loopback_allowed)
+        self.guard = LoopbackGuard(listener, self.loopback)
         self.confined = True
 
     async def _wait_for_localapi(self) -> None:

@@ -11,10 +11,13 @@ import socket
 import subprocess
 import sys
 import threading
+from urllib.parse import urlsplit
 
 import pytest
+from dnslib import DNSRecord
 
 from harness import proxyclient
+from harness.resolver import LoopbackResolver, private_resolv_conf_prefix
 from harness.tailnet import TailscaleNode
 
 
@@ -139,3 +142,82 @@ def test_a_local_process_cannot_forge_a_tailnet_identity(make_tsnsrv, upstream, 
     assert "refused a front connection" in service.log()
     # The real path still works, with the real identity.
     assert laptop.curl("-o", "/dev/null", "-w", "%{http_code}", f"http://{service.ip}/").stdout == b"200"
+
+
+# --- what tailscaled itself needs on host loopback: a resolver, a control server -------
+
+CONTROL_NAME = "control.tsnsrv.test"
+
+PROBE = """
+import socket, sys
+kind, host, port, payload = sys.argv[1], sys.argv[2], int(sys.argv[3]), bytes.fromhex(sys.argv[4])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+sock = socket.socket(family, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+sock.settimeout(3)
+try:
+    if kind == "tcp":
+        sock.connect((host, port))
+        sock.sendall(payload)
+    else:
+        sock.sendto(payload, (host, port))
+    print(sock.recv(65536).hex())
+except OSError:
+    print("")
+"""
+
+
+def probe(laptop, kind: str, ip: str, port: int, payload: bytes) -> bytes:
+    """What a tailnet peer gets back for `payload` sent to ip:port (b"" for nothing)."""
+    result = laptop.run([sys.executable, "-c", PROBE, kind, ip, str(port), payload.hex()], timeout=20)
+    return bytes.fromhex(result.stdout.decode().strip())
+
+
+def dns_query(name: str, kind: str) -> bytes:
+    query = DNSRecord.question(name).pack()
+    return len(query).to_bytes(2, "big") + query if kind == "tcp" else query
+
+
+HTTP_HEALTH = b"GET /health HTTP/1.0\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def loopback_resolver():
+    """A resolver on 127.0.0.1:53, like dnsmasq, unbound or Pi-hole on a homelab host."""
+    try:
+        server = LoopbackResolver({CONTROL_NAME: "127.0.0.1"}).start()
+    except OSError as exc:
+        pytest.skip(f"127.0.0.1:53 is not free on this machine ({exc})")
+    yield server.resolver
+    server.stop()
+
+
+@pytest.mark.parametrize("control_host", [CONTROL_NAME, "127.0.0.1"])
+def test_a_resolver_and_a_control_server_on_host_loopback_are_not_reachable_through_a_service_node(
+        make_tsnsrv, upstream, laptop, bare_node, headscale, loopback_resolver, tmp_path, control_host):
+    control_port = urlsplit(headscale.url).port  # headscale's relay on 127.0.0.1
+    # Control: a bare userspace tailscaled hands a peer both host services.
+    bare_name = f"leak-through-bare-{'name' if control_host == CONTROL_NAME else 'ip'}.test"
+    assert probe(laptop, "tcp", bare_node.ipv4, 53, dns_query(bare_name, "tcp")) != b""
+    assert loopback_resolver.asked(bare_name) == ["tcp"]
+    assert probe(laptop, "tcp", bare_node.ipv4, control_port, HTTP_HEALTH).startswith(b"HTTP/1.")
+
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text("nameserver 127.0.0.1\n")
+    resolv_conf.chmod(0o644)
+    service = make_tsnsrv("local-dns", upstream.url, login_server=f"http://{control_host}:{control_port}",
+                          command_prefix=private_resolv_conf_prefix(resolv_conf))
+
+    if control_host == CONTROL_NAME:  # it came up through both: the name came from the loopback resolver
+        assert "udp" in loopback_resolver.asked(CONTROL_NAME)
+    addresses = service.health()["node"]["addresses"]
+    assert len(addresses) == 2, addresses  # IPv4 and IPv6
+    for ip in addresses:
+        for kind in ("tcp", "udp"):
+            name = f"leak-{kind}-ipv{6 if ':' in ip else 4}-{'name' if control_host == CONTROL_NAME else 'ip'}.test"
+            assert probe(laptop, kind, ip, 53, dns_query(name, kind)) == b"", (kind, ip)
+            assert loopback_resolver.asked(name) == [], (kind, ip)
+        assert probe(laptop, "tcp", ip, control_port, HTTP_HEALTH) == b"", ip
+    assert laptop.curl("-o", "/dev/null", "-w", "%{http_code}", f"http://{service.ip}/").stdout == b"200"
+    log = service.log()
+    assert "refused tailscaled's TCP connection to the resolver at 127.0.0.1:53" in log
+    assert "shields down" in log

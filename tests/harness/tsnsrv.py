@@ -63,7 +63,9 @@ class Tsnsrv:
 
     def __init__(self, name: str, upstream: str, workdir: Path, bin_dir: Path, headscale: Headscale | None,
                  auth_key: str | None, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 plaintext: bool = True):
+                 plaintext: bool = True, login_server: str | None = None, command_prefix: Sequence[str] = ()):
+        """`login_server` replaces headscale's URL; `command_prefix` runs tsnsrv through a
+        wrapper (e.g. a private mount namespace)."""
         self.name = name
         self.dir = workdir
         self.control_socket = workdir / "control.sock"
@@ -71,7 +73,7 @@ class Tsnsrv:
         args = [tsnsrv_command(), "--name", name, "--state-dir", str(workdir / "state"),
                 "--control-socket", str(self.control_socket), "--tailscaled", str(bin_dir / "tailscaled")]
         if headscale is not None:
-            args += ["--login-server", headscale.url]
+            args += ["--login-server", login_server or headscale.url]
         if auth_key is not None:
             key_file = workdir / "authkey"
             key_file.write_text(auth_key + "\n")
@@ -81,7 +83,7 @@ class Tsnsrv:
             args += ["--tailscaled-user", TAILSCALED_TEST_USER]
         if plaintext:
             args.append("--plaintext")
-        self.argv = args + list(extra_args or []) + [upstream]
+        self.argv = [*command_prefix, *args, *(extra_args or []), upstream]
         self.process = ManagedProcess(f"tsnsrv-{name}", self.argv, workdir / "tsnsrv.log",
                                       env=offline_env(**(env or {})))
 

@@ -22,7 +22,9 @@ from tsnsrv.confine import (
     SECCOMP_RET_ERRNO,
     SECCOMP_RET_USER_NOTIF,
     X32_SYSCALL_BIT,
+    HOLD,
     LoopbackGuard,
+    LoopbackPolicy,
     _parse_sockaddr,
     resolver_endpoints,
 )
@@ -119,9 +121,10 @@ def test_parse_sockaddr(raw, endpoint):
 # --- the decision ---------------------------------------------------------------------
 
 
-def guard(allowed=()) -> LoopbackGuard:
+def guard(allowed=(), resolvers=(), control=()) -> LoopbackGuard:
     g = object.__new__(LoopbackGuard)  # no notification fd, no thread: only the decision
-    g._allowed = frozenset(allowed)
+    g.policy = LoopbackPolicy.build(allowed, resolvers, control)
+    g._control_open = False
     return g
 
 
@@ -154,10 +157,48 @@ def test_decide(call, endpoint, sock_type, result):
 
 def test_allow_adds_endpoints():
     g = guard()
-    resolver = (ipaddress.IPv4Address("127.0.0.53"), 53)
-    assert g._decide("connect", resolver, None) == errno.ECONNREFUSED
-    g.allow([resolver])
-    assert g._decide("connect", resolver, None) == 0
+    other_front = (ipaddress.IPv4Address("127.0.0.2"), 40999)
+    assert g._decide("connect", other_front, None) == errno.ECONNREFUSED
+    g.allow([other_front])
+    assert g._decide("connect", other_front, None) == 0
+
+
+LOCAL_RESOLVER = (ipaddress.IPv4Address("127.0.0.1"), 53)
+RESOLVED_STUB = (ipaddress.IPv4Address("127.0.0.53"), 53)
+LOCAL_CONTROL = (ipaddress.IPv4Address("127.0.0.1"), 8080)
+
+
+def test_a_resolver_on_127_0_0_1_is_reachable_over_udp_only():
+    # The forwarder dials a peer's TCP to 127.0.0.1:53; tailscaled's own lookups use UDP.
+    g = guard(resolvers=[LOCAL_RESOLVER])
+    assert g._decide("connect", LOCAL_RESOLVER, socket.SOCK_DGRAM) == 0
+    assert g._decide("connect", LOCAL_RESOLVER, socket.SOCK_STREAM) == errno.ECONNREFUSED
+    assert g._decide("connect", LOCAL_RESOLVER, None) == errno.ECONNREFUSED
+
+
+def test_a_resolver_elsewhere_on_loopback_is_reachable_both_ways():
+    g = guard(resolvers=[RESOLVED_STUB])
+    assert g._decide("connect", RESOLVED_STUB, socket.SOCK_STREAM) == 0
+    assert g._decide("connect", RESOLVED_STUB, socket.SOCK_DGRAM) == 0
+
+
+def test_a_control_server_on_127_0_0_1_waits_for_the_gate():
+    g = guard(control=[LOCAL_CONTROL])
+    assert g._decide("connect", LOCAL_CONTROL, socket.SOCK_STREAM) == HOLD
+    assert g._decide("connect", (LOCAL_CONTROL[0], 8081), socket.SOCK_STREAM) == errno.ECONNREFUSED
+    g._control_open = True
+    assert g._decide("connect", LOCAL_CONTROL, socket.SOCK_STREAM) == 0
+
+
+def test_policy_sorts_endpoints_by_whether_the_forwarder_dials_them():
+    control_elsewhere = (ipaddress.IPv4Address("127.0.0.9"), 8080)
+    local_v6 = (ipaddress.IPv6Address("::1"), 443)
+    policy = LoopbackPolicy.build([FRONT], [LOCAL_RESOLVER, RESOLVED_STUB], [LOCAL_CONTROL, local_v6,
+                                                                             control_elsewhere])
+    assert policy.allowed == {FRONT, RESOLVED_STUB, control_elsewhere}
+    assert policy.control == {LOCAL_CONTROL, local_v6}
+    assert policy.control_ports == {8080, 443}
+    assert policy.resolvers == {LOCAL_RESOLVER, RESOLVED_STUB}
 
 
 # --- resolvers ------------------------------------------------------------------------
