@@ -156,28 +156,32 @@ class Identity:
         return bool(self.node_tags)
 
     @property
+    def user(self) -> str:
+        """The person's login; "" for a tagged node, which belongs to the "tagged-devices"
+        pseudo-user, which is nobody (the profile fields still say so, as whois does)."""
+        return "" if self.tagged else self.login_name
+
+    @property
     def domain(self) -> str:
-        return self.login_name.rpartition("@")[2] if "@" in self.login_name else ""
+        return self.user.rpartition("@")[2] if "@" in self.user else ""
 
     def describe(self) -> str:
         if self.tagged:
             return f"node {self.node_name} ({','.join(self.node_tags)})"
-        return f"{self.login_name or 'unknown user'} on {self.node_name or 'unknown node'}"
+        return f"{self.user or 'unknown user'} on {self.node_name or 'unknown node'}"
 
     @classmethod
     def from_whois(cls, whois: dict) -> Identity:
         user = whois.get("UserProfile") or {}
         node = whois.get("Node") or {}
-        tags = tuple(node.get("Tags") or ())
         return cls(
-            # Tagged nodes belong to the "tagged-devices" pseudo-user, which is nobody.
-            user_id="" if tags else str(user.get("ID", "")),
-            login_name="" if tags else user.get("LoginName", ""),
-            display_name="" if tags else user.get("DisplayName", ""),
-            profile_pic_url="" if tags else user.get("ProfilePicURL", ""),
+            user_id=str(user.get("ID", "")),
+            login_name=user.get("LoginName", ""),
+            display_name=user.get("DisplayName", ""),
+            profile_pic_url=user.get("ProfilePicURL", ""),
             node_id=str(node.get("ID", "")),
             node_name=node.get("ComputedName") or node.get("Name", "").split(".")[0],
-            node_tags=tags,
+            node_tags=tuple(node.get("Tags") or ()),
             node_caps=tuple(sorted(node.get("CapMap") or ())),
             peer_caps=dict(whois.get("CapMap") or {}),
         )
@@ -188,7 +192,7 @@ def rule_matches(rule: AccessRule, identity: Identity | None) -> bool:
         return True
     if identity is None:
         return False
-    return ((identity.login_name != "" and identity.login_name in rule.users)
+    return ((identity.user != "" and identity.user in rule.users)
             or (identity.domain != "" and identity.domain in rule.domains)
             or identity.node_name in rule.nodes
             or any(tag in identity.node_tags for tag in rule.tags)

@@ -117,22 +117,20 @@ def _q_encode(value: str) -> str:
 
 
 def tsnsrv_headers(identity: Identity) -> list[tuple[str, str]]:
-    """The Go tsnsrv's X-Tailscale-* set. Tagged nodes carry node name and tags, no user."""
-    headers = []
-    if not identity.tagged:
-        login = identity.login_name
-        headers.append(("X-Tailscale-User", identity.user_id))
-        headers.append(("X-Tailscale-User-LoginName", login))
-        if "@" in login:
-            local, _, domain = login.partition("@")
-            headers.append(("X-Tailscale-User-LoginName-Localpart", local))
-            headers.append(("X-Tailscale-User-LoginName-Domain", domain))
-        headers.append(("X-Tailscale-User-DisplayName", identity.display_name))
-        if identity.profile_pic_url:
-            headers.append(("X-Tailscale-User-ProfilePicURL", identity.profile_pic_url))
+    """The Go tsnsrv's X-Tailscale-* set, spelled as it spells them: IDs as "userid:N" and
+    "nodeid:N", and a tagged node's user headers from its profile ("tagged-devices")."""
+    login = identity.login_name
+    headers = [("X-Tailscale-User", f"userid:{identity.user_id}"), ("X-Tailscale-User-LoginName", login)]
+    if "@" in login:
+        local, _, domain = login.partition("@")
+        headers.append(("X-Tailscale-User-LoginName-Localpart", local))
+        headers.append(("X-Tailscale-User-LoginName-Domain", domain))
+    headers.append(("X-Tailscale-User-DisplayName", identity.display_name))
+    if identity.profile_pic_url:
+        headers.append(("X-Tailscale-User-ProfilePicURL", identity.profile_pic_url))
     if identity.peer_caps:
         headers.append(("X-Tailscale-Caps", ", ".join(sorted(identity.peer_caps))))
-    headers.append(("X-Tailscale-Node", identity.node_id))
+    headers.append(("X-Tailscale-Node", f"nodeid:{identity.node_id}"))
     headers.append(("X-Tailscale-Node-Name", identity.node_name))
     if identity.node_caps:
         headers.append(("X-Tailscale-Node-Caps", ", ".join(identity.node_caps)))

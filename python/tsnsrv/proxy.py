@@ -82,18 +82,20 @@ def upstream_ssl_context(cfg: ServiceConfig) -> ssl.SSLContext:
     return context
 
 
-def origin_form(target: str) -> str | None:
-    """The request target as path and query; None if it is not one.
+def origin_form(target: str) -> tuple[str, str | None] | None:
+    """The request target as path and query, with the authority of an absolute-form
+    target; None if it is not one.
 
     HTTP/1.1 servers must accept the absolute form (`GET http://host/path`); its path is
-    what prefixes and rules must see, or `http://books/admin` would slip past them."""
+    what prefixes and rules must see, or `http://books/admin` would slip past them, and its
+    authority replaces the Host header (RFC 9112 3.2.2)."""
     if "#" in target:
         return None  # no fragment in a request target (RFC 9112 3.2); the URL builder would drop it unchecked
     if target.startswith("/"):
-        return target
+        return target, None
     split = urlsplit(target)
     if split.scheme.lower() in ("http", "https") and split.netloc:
-        return (split.path or "/") + (f"?{split.query}" if split.query else "")
+        return (split.path or "/") + (f"?{split.query}" if split.query else ""), split.netloc.rpartition("@")[2]
     return None
 
 
@@ -202,6 +204,9 @@ class Proxy:
         try:
             response = await self._handle(exchange)
             exchange.status = response.status
+            if type(response) is web.Response and response.body:  # a page of ours, sent whole
+                exchange.bytes_out = len(response.body)  # type: ignore[arg-type]
+                self.metrics.bytes_to_clients.inc(exchange.bytes_out)
             return response
         except asyncio.CancelledError:
             exchange.status = 499  # the client went away
@@ -217,11 +222,14 @@ class Proxy:
         request, peer = exchange.request, exchange.peer
         if request.method == "CONNECT":
             return self._deny(exchange, 405, "method", "CONNECT is not proxied")
+        if request.method == "OPTIONS" and request.raw_path == "*":
+            return web.Response(status=200)  # about the server itself, as Go's net/http answers it
         target = origin_form(request.raw_path)
         if target is None:
             return self._deny(exchange, 400, "target", f"request target {request.raw_path[:100]!r} is not a path",
                               "400 Bad Request: the request target must be a path.")
-        raw_path, _, raw_query = target.partition("?")
+        path_and_query, exchange.authority = target
+        raw_path, _, raw_query = path_and_query.partition("?")
         decoded = unquote(raw_path)
         if has_control_characters(decoded):
             return self._deny(exchange, 400, "target", f"request path {raw_path[:100]!r} has control characters",
@@ -285,7 +293,7 @@ class Proxy:
             if lower in HOP_BY_HOP or lower in dropped or lower == "expect" or is_spoofable(name):
                 continue
             headers.add(name, value)
-        host = inbound.get("Host", "")
+        host = exchange.authority or inbound.get("Host", "")
         scheme = "https" if peer.tls else "http"
         headers["X-Forwarded-For"] = peer.address
         headers["X-Forwarded-Host"] = host
@@ -297,6 +305,8 @@ class Proxy:
             headers["X-Forwarded-Server"] = server
             if port:
                 headers["X-Forwarded-Port"] = port
+            if exchange.authority:
+                headers["Host"] = exchange.authority
         else:
             headers["Host"] = self._netloc
         if self._send_identity:
@@ -492,12 +502,13 @@ def _is_websocket_upgrade(request: web.BaseRequest) -> bool:
 class Exchange:
     """Bookkeeping for one request, for the access log and metrics."""
 
-    __slots__ = ("request", "peer", "identity", "status", "bytes_in", "bytes_out", "note", "body_sent")
+    __slots__ = ("request", "peer", "identity", "authority", "status", "bytes_in", "bytes_out", "note", "body_sent")
 
     def __init__(self, request: web.BaseRequest, peer: Peer):
         self.request = request
         self.peer = peer
         self.identity: Identity | None = None
+        self.authority: str | None = None  # of an absolute-form request target
         self.status = 500
         self.bytes_in = 0
         self.bytes_out = 0
@@ -519,7 +530,7 @@ class Exchange:
 
     def log(self, duration: float) -> None:
         request, identity, peer = self.request, self.identity, self.peer
-        client = "funnel" if peer.is_funnel else (identity.login_name if identity and identity.login_name else "-")
+        client = "funnel" if peer.is_funnel else (identity.user if identity and identity.user else "-")
         node = identity.node_name if identity else "-"
         fields = [
             ("method", request.method), ("path", request.raw_path), ("status", self.status),

@@ -24,6 +24,8 @@ def test_prefixes_are_matched_by_path_segment(api_only, laptop):
     assert status(laptop, f"{base}/api/users") == 200
     assert status(laptop, f"{base}/apiary") == 404
     assert status(laptop, f"{base}/") == 404
+    page = laptop.curl(f"{base}/apiary").stdout
+    assert f"path=/apiary status=404 bytes_in=0 bytes_out={len(page)} " in api_only.log()  # the page counts
 
 
 def test_matched_prefix_is_stripped_and_joined_to_the_upstream_base_path(api_only, laptop, upstream):

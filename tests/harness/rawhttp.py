@@ -1,10 +1,10 @@
-"""Send request targets exactly as written (no client normalising `\\`, `..` or case),
-from wherever a command runs: the host, or a client device's network namespace.
+"""Send HTTP requests exactly as written (no client normalising `\\`, `..`, case or the
+request line), from wherever a command runs: the host, or a client device's network
+namespace.
 
-`raw_get_argv(python, host, port, targets)` is a command that sends `GET <target>` for
-each target on its own connection and prints a JSON list of [status, body line]: the
-first line starting with "route=" (what the routing stacks answer), else the first line.
-It imports nothing from this repository.
+`raw_exchanges(run, python, host, port, requests)` sends each request's bytes on its own
+connection with a command that `run` executes where the client is (it imports nothing
+from this repository), and returns what came back for each.
 """
 
 from __future__ import annotations
@@ -13,33 +13,57 @@ import json
 import subprocess
 from collections.abc import Callable, Sequence
 
-RAW_GET = r"""
+import attrs
+
+RAW_CLIENT = r"""
 import json, socket, sys
-host, port, targets = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-results = []
-for target in targets:
+host, port, requests = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+answers = []
+for request in requests:
+    data = b""
     with socket.create_connection((host, port), timeout=10) as sock:
-        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode("latin-1"))
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    lines = body.decode(errors="replace").splitlines() or [""]
-    # The routing line, also inside a chunked body.
-    results.append([status, next((line for line in lines if line.startswith("route=")), lines[0])])
-print(json.dumps(results))
+        sock.sendall(bytes.fromhex(request))
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+    answers.append(data.hex())
+print(json.dumps(answers))
 """
 
-
-def raw_get_argv(python: str, host: str, port: int, targets: Sequence[str]) -> list[str]:
-    return [python, "-c", RAW_GET, host, str(port), json.dumps(list(targets))]
+Runner = Callable[[list[str]], subprocess.CompletedProcess]
 
 
-def raw_get(run: Callable[[list[str]], subprocess.CompletedProcess], python: str, host: str, port: int,
-            targets: Sequence[str]) -> list[tuple[int, str]]:
-    """[(status, body line)] per target; `run` executes the command where the client is."""
-    result = run(raw_get_argv(python, host, port, targets))
+@attrs.frozen
+class RawAnswer:
+    status: int  # 0 when no status line came back
+    head: str  # the status line and headers, as sent
+    body: str
+
+    def body_line(self, prefix: str) -> str:
+        """The first body line starting with `prefix` (also inside a chunked body), else the first."""
+        lines = self.body.splitlines() or [""]
+        return next((line for line in lines if line.startswith(prefix)), lines[0])
+
+
+def raw_exchanges(run: Runner, python: str, host: str, port: int, requests: Sequence[bytes]) -> list[RawAnswer]:
+    result = run([python, "-c", RAW_CLIENT, host, str(port), json.dumps([r.hex() for r in requests])])
     if result.returncode != 0:
         raise AssertionError(f"raw client failed: {result.stderr!r}")
-    return [(status, line) for status, line in json.loads(result.stdout)]
+    answers = []
+    for answer in json.loads(result.stdout):
+        head, _, body = bytes.fromhex(answer).partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+        answers.append(RawAnswer(status, head.decode("latin-1"), body.decode(errors="replace")))
+    return answers
+
+
+def get_request(target: str, host: str, method: str = "GET", headers: str = "") -> bytes:
+    return f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n".encode("latin-1")
+
+
+def raw_get(run: Runner, python: str, host: str, port: int, targets: Sequence[str]) -> list[tuple[int, str]]:
+    """[(status, the "route=" body line)] per GET target, as the routing stacks answer."""
+    answers = raw_exchanges(run, python, host, port, [get_request(target, host) for target in targets])
+    return [(answer.status, answer.body_line("route=")) for answer in answers]

@@ -238,7 +238,7 @@ async def test_a_request_flows_to_the_upstream_with_identity_and_clean_headers(f
     assert payload == b"hello from upstream"
     [got] = seen
     assert got["path_qs"] == "/app/v1/items?base=1&q=a%20b"
-    assert got["headers"]["X-Tailscale-User"] == "1"
+    assert got["headers"]["X-Tailscale-User"] == "userid:1"
     assert got["headers"]["X-Tailscale-User-LoginName"] == "alice@example.com"
     assert got["headers"]["Tailscale-User-Name"] == "=?utf-8?q?Zo=C3=AB?="
     assert got["headers"]["X-Forwarded-For"] == "100.64.0.9"

@@ -239,7 +239,7 @@ def test_spoofed_headers_are_replaced_by_ours(tmp_path):
     assert "X-Forwarded-Port" not in headers
     assert headers["X-Tailscale-User-LoginName"] == "alice@example.com"
     assert headers["Tailscale-User-Login"] == "alice@example.com"
-    assert headers.getall("X-Tailscale-User") == ["1"]
+    assert headers.getall("X-Tailscale-User") == ["userid:1"]
     assert headers["Cookie"] == "a=b" and headers["User-Agent"] == "curl/8"
 
 

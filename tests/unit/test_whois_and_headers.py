@@ -60,7 +60,8 @@ def test_user_node_identity():
 def test_tagged_node_belongs_to_nobody():
     ident = Identity.from_whois(TAGGED_WHOIS)
     assert ident.tagged
-    assert (ident.user_id, ident.login_name, ident.display_name, ident.domain) == ("", "", "", "")
+    assert (ident.user, ident.domain) == ("", "")
+    assert (ident.user_id, ident.login_name, ident.display_name) == ("1", "tagged-devices", "Tagged Devices")
     assert ident.node_name == "ci-runner"  # from Name when there is no ComputedName
     assert ident.node_tags == ("tag:ci", "tag:build")
     assert ident.describe() == "node ci-runner (tag:ci,tag:build)"
@@ -77,23 +78,26 @@ def test_sparse_whois_answer():
 
 def test_tsnsrv_headers_for_a_user_node():
     assert tsnsrv_headers(Identity.from_whois(USER_WHOIS)) == [
-        ("X-Tailscale-User", "678"),
+        ("X-Tailscale-User", "userid:678"),
         ("X-Tailscale-User-LoginName", "alice@example.com"),
         ("X-Tailscale-User-LoginName-Localpart", "alice"),
         ("X-Tailscale-User-LoginName-Domain", "example.com"),
         ("X-Tailscale-User-DisplayName", "Alice Example"),
         ("X-Tailscale-User-ProfilePicURL", "https://pics.example/alice.png"),
         ("X-Tailscale-Caps", "example.com/cap/books, example.com/cap/other"),
-        ("X-Tailscale-Node", "12345"),
+        ("X-Tailscale-Node", "nodeid:12345"),
         ("X-Tailscale-Node-Name", "alice-laptop"),
         ("X-Tailscale-Node-Caps", "funnel, https://tailscale.com/cap/is-admin"),
     ]
 
 
-def test_tsnsrv_headers_for_a_tagged_node_carry_no_user():
+def test_tsnsrv_headers_for_a_tagged_node_name_its_pseudo_user_as_the_go_tsnsrv_does():
     headers = tsnsrv_headers(Identity.from_whois(TAGGED_WHOIS))
     assert headers == [
-        ("X-Tailscale-Node", "999"),
+        ("X-Tailscale-User", "userid:1"),
+        ("X-Tailscale-User-LoginName", "tagged-devices"),
+        ("X-Tailscale-User-DisplayName", "Tagged Devices"),
+        ("X-Tailscale-Node", "nodeid:999"),
         ("X-Tailscale-Node-Name", "ci-runner"),
         ("X-Tailscale-Node-Tags", "tag:ci, tag:build"),
     ]

@@ -1,0 +1,81 @@
+"""What a user migrating from the Go tsnsrv keeps: the same upstream, behind the Go tsnsrv
+and behind ours on the same tailnet, sees the same thing for the same request.
+
+The Go tsnsrv is built from the source beside the checkout (harness/go_tsnsrv.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from harness.go_tsnsrv import GoTsnsrv, build_go_tsnsrv
+from harness.rawhttp import RawAnswer, get_request, raw_exchanges
+from harness.upstream import echo
+
+
+@pytest.fixture(scope="module")
+def go_binary():
+    return build_go_tsnsrv()
+
+
+@pytest.fixture(scope="module")
+def both(go_binary, module_tsnsrv, upstream, headscale, clients, tmp_path_factory):
+    """(ours, the Go tsnsrv) in front of the same upstream."""
+    ours = module_tsnsrv("compat-ours", upstream.url)
+    go = GoTsnsrv(go_binary, "compat-go", upstream.url, tmp_path_factory.mktemp("go-tsnsrv"), headscale,
+                  headscale.auth_key("alice")).start(clients)
+    yield ours, go
+    go.stop()
+
+
+def identity_headers(seen: dict[str, str]) -> dict[str, object]:
+    """X-Tailscale-* as the upstream saw them; lists built from Go maps compared as sets."""
+    headers: dict[str, object] = {}
+    for name, value in seen.items():
+        if name.startswith("x-tailscale-"):
+            headers[name] = set(value.split(", ")) if name.endswith("-caps") else value
+    return headers
+
+
+@pytest.mark.parametrize("client_fixture", ["laptop", "ci_runner", "bob_phone"])
+def test_identity_headers_match_the_go_tsnsrv(both, client_fixture, request):
+    ours, go = both
+    client = request.getfixturevalue(client_fixture)
+
+    from_ours = identity_headers(echo(client.curl(f"http://{ours.ip}/who").stdout)["header"])
+    from_go = identity_headers(echo(client.curl(f"http://{go.ip}/who").stdout)["header"])
+
+    assert from_ours == from_go
+    assert from_ours["x-tailscale-user"].startswith("userid:")
+    assert from_ours["x-tailscale-node"].startswith("nodeid:")
+
+
+def through_both(both, laptop, request_bytes: bytes) -> tuple[RawAnswer, RawAnswer]:
+    ours, go = both
+    return tuple(raw_exchanges(laptop.run, sys.executable, service.ip, 80, [request_bytes])[0]
+                 for service in (ours, go))  # type: ignore[return-value]
+
+
+def test_options_asterisk_is_answered_like_the_go_tsnsrv(both, laptop):
+    ours, go = through_both(both, laptop, b"OPTIONS * HTTP/1.1\r\nHost: books\r\nConnection: close\r\n\r\n")
+    assert ours.status == go.status == 200
+
+
+def test_an_absolute_form_target_names_the_host_like_the_go_tsnsrv(both, laptop):
+    request = get_request("http://elsewhere.example/absolute?x=1", "books")
+    ours, go = through_both(both, laptop, request)
+
+    seen_ours, seen_go = echo(ours.body.encode()), echo(go.body.encode())
+    assert seen_ours["header"]["host"] == seen_go["header"]["host"] == "elsewhere.example"
+    assert seen_ours["header"]["x-forwarded-host"] == "elsewhere.example"
+    assert seen_ours["path"] == seen_go["path"] == "/absolute"
+
+
+def test_the_clean_path_redirect_keeps_the_method_like_the_go_tsnsrv(both, laptop):
+    request = b"POST /a/../b HTTP/1.1\r\nHost: books\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+    ours, go = through_both(both, laptop, request)
+    assert ours.status == 308  # Go says 307; both tell the client to repeat the POST
+    assert go.status == 307
+    assert "location: /b" in ours.head.lower() and "location: /b" in go.head.lower()
