@@ -102,7 +102,9 @@ let
   # The Go tsnsrv's hardening, plus a syscall filter, address families and /proc
   # restrictions. ProtectProc=invisible (not "noaccess") because the proxy inspects
   # /proc/<tailscaled>/fd to tell tailscaled's sockets from other local processes';
-  # both units run as the same user, so that process stays visible.
+  # both units run as the same user, so that process stays visible. For the same reason
+  # no PrivateUsers=: each unit would get a user namespace of its own, and from the
+  # proxy's, tailscaled's /proc entry is hidden.
   hardening = {
     DynamicUser = true;
     AmbientCapabilities = "";
@@ -114,7 +116,7 @@ let
     PrivateDevices = true;
     PrivateMounts = true;
     PrivateTmp = true;
-    PrivateUsers = true;
+    PrivateUsers = false;
     ProtectClock = true;
     ProtectControlGroups = true;
     ProtectHome = true;
@@ -303,6 +305,9 @@ let
       }
     ];
 
+  # "web-tailscaled"'s proxy unit would be "web"'s daemon unit.
+  unitClashes = builtins.filter (unit: cfg.services ? "${unit}-tailscaled") (builtins.attrNames cfg.services);
+
   duplicateNames =
     let
       names = mapAttrsToList (_: service: service.name) cfg.services;
@@ -349,6 +354,13 @@ in
     assertions =
       concatLists (mapAttrsToList assertionsFor cfg.services)
       ++ [
+        {
+          assertion = unitClashes == [ ];
+          message = lib.concatMapStringsSep "\n" (
+            unit:
+            "services.tsnsrv.services.${unit}-tailscaled: its proxy unit would be ${daemonUnitOf unit}.service, which is already the tailscaled unit of services.tsnsrv.services.${unit}; use another attribute name (and set `name` to the machine name you want)."
+          ) unitClashes;
+        }
         {
           assertion = duplicateNames == [ ];
           message = "services.tsnsrv.services: machine name(s) ${lib.concatStringsSep ", " duplicateNames} used by more than one service; two nodes cannot share a name (the second would become <name>-1). Give each service its own `name`.";

@@ -45,6 +45,7 @@ python3Packages.buildPythonApplication {
     hypothesis
     websockets
     trustme
+    dnslib
     cryptography
   ];
 

@@ -36,6 +36,7 @@ class Health:
     tailscaled_pid: int | None = None
     tailscaled_restarts: int = 0
     confined: str = "unknown"
+    peer_check: str = "unknown"  # how front connections are matched to tailscaled: "uid and fd" or "uid only"
     backend_state: str = "Unknown"
     dns_name: str = ""
     addresses: tuple[str, ...] = ()
@@ -86,7 +87,7 @@ class Health:
             "node": {"state": self.backend_state, "dnsName": self.dns_name, "addresses": list(self.addresses),
                      "url": self.url, "warnings": self.warnings},
             "serve": {"configured": self.serve_config, "port": self.listen_port, "funnel": self.funnel,
-                      "front": self.front, "accepting": self.accepting},
+                      "front": self.front, "accepting": self.accepting, "peerCheck": self.peer_check},
             "tls": {"mode": self.tls_mode, "source": self.certificate_source,
                     "notAfter": expiry.isoformat() if expiry else None,
                     "secondsLeft": round((expiry - dt.datetime.now(dt.timezone.utc)).total_seconds())

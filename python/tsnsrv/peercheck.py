@@ -130,10 +130,15 @@ class TailscaledPeerCheck:
         if (pid, uid) != (self.pid, self.uid):
             self.pid, self.uid = pid, uid
             self._known_inodes.clear()
-            log.info("front listener accepts connections only from tailscaled pid %d (uid %d)%s", pid, uid,
-                     "" if self._can_inspect_fds() else "; its file descriptors are hidden, so checking uid only")
+            if self.inspects_fds:
+                log.info("front listener accepts connections only from tailscaled pid %d (uid %d)", pid, uid)
+            else:
+                log.warning("front listener accepts connections from uid %d, but cannot see the file descriptors "
+                            "of tailscaled pid %d (another user or PID namespace, or /proc hidden), so any process "
+                            "of that uid could pose as tailscaled; run both as one user in one namespace", uid, pid)
 
-    def _can_inspect_fds(self) -> bool:
+    @property
+    def inspects_fds(self) -> bool:
         return self.pid is not None and os.access(f"/proc/{self.pid}/fd", os.R_OK | os.X_OK)
 
     def refusal(self, sock: socket.socket) -> str | None:
@@ -151,7 +156,7 @@ class TailscaledPeerCheck:
             # it sent is still in our buffer: serving that would let any local process
             # connect, write a forged request, close, and have it proxied.
             return PEER_GONE
-        if owner.inode in self._known_inodes or not self._can_inspect_fds():
+        if owner.inode in self._known_inodes or not self.inspects_fds:
             return None
         self._known_inodes = self._daemon_socket_inodes()
         if owner.inode in self._known_inodes:

@@ -367,6 +367,7 @@ class Service:
             self.health.confined = "external (systemd IPAddressDeny)"
         assert pid is not None
         self.peer_check.set_daemon(pid, uid)
+        self.health.peer_check = "uid and fd" if self.peer_check.inspects_fds else "uid only"
         self.health.tailscaled, self.health.tailscaled_pid = "running", pid
 
     async def _restart_or_wait(self, backoff: float) -> None:

@@ -31,6 +31,7 @@ let
       "hypothesis"
       "websockets"
       "trustme"
+      "dnslib"
       "cryptography"
     ] (name: fake name { pname = name; })
     // {
@@ -84,6 +85,7 @@ in
       sourceRoot
       enabledTestPaths
       disabledTests
+      pytestFlags
       pythonRelaxDeps
       ;
     inherit (package.meta) mainProgram platforms;

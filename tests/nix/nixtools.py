@@ -22,6 +22,20 @@ REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests" / "nix"
 NIXOS = REPO / "nixos"
 TSNSRV = [sys.executable, "-m", "tsnsrv"]
+# nixpkgs' lib/, beside every checkout and CI run; TSNSRV_NIXPKGS_LIB overrides it.
+VENDORED_NIXPKGS_LIB = REPO.parent / "shared" / "vendor" / "nixpkgs.lib" / "lib"
+
+
+def nixpkgs_lib() -> Path | None:
+    """The nixpkgs lib directory to evaluate the module with, if there is one."""
+    if os.environ.get("TSNSRV_NIXPKGS_LIB"):
+        return Path(os.environ["TSNSRV_NIXPKGS_LIB"]).resolve()
+    return VENDORED_NIXPKGS_LIB if (VENDORED_NIXPKGS_LIB / "default.nix").exists() else None
+
+
+NIXPKGS_LIB = nixpkgs_lib()
+NO_LIB_REASON = ("no nixpkgs lib: neither ../shared/vendor/nixpkgs.lib/lib beside the checkout nor "
+                 "TSNSRV_NIXPKGS_LIB (a lib/ directory of github.com/nix-community/nixpkgs.lib)")
 
 _STATE = tempfile.mkdtemp(prefix="tsnsrv-nix-state-")
 

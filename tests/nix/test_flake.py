@@ -1,24 +1,25 @@
 """flake.nix and flake.lock: pinned to a NixOS release, outputs as documented.
 
 The lock and the inputs are checked with Nix alone; the outputs (evaluated with a stub
-package set) and the package's declared dependencies need TSNSRV_NIXPKGS_LIB.
+package set) and the package's declared dependencies need nixpkgs' lib (nixtools).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nixtools import REPO, TESTS, nix_eval, nix_string
+from nixtools import NIXPKGS_LIB, NO_LIB_REASON, REPO, TESTS, nix_eval, nix_string
 
-LIB = os.environ.get("TSNSRV_NIXPKGS_LIB")
-needs_lib = pytest.mark.skipif(not LIB, reason="TSNSRV_NIXPKGS_LIB is not set: flake outputs not evaluated")
+LIB = NIXPKGS_LIB
+needs_lib = pytest.mark.skipif(LIB is None, reason=NO_LIB_REASON)
 LINUX = {"x86_64-linux", "aarch64-linux"}
 ALL = LINUX | {"x86_64-darwin", "aarch64-darwin"}
 
@@ -71,3 +72,15 @@ def test_package_declares_what_pyproject_needs(flake: dict[str, Any]) -> None:
     assert package["mainProgram"] == "tsnsrv"
     assert package["enabledTestPaths"] == ["tests/unit"]
     assert {"x86_64-linux", "aarch64-darwin"} <= set(package["platforms"])
+
+
+@needs_lib
+def test_the_package_check_phase_runs_the_unit_tier_as_pytest_check_hook_does(flake: dict[str, Any]) -> None:
+    """nixpkgs' pytestCheckHook imports test modules with --import-mode=importlib, where a
+    test module cannot import another one; the unit tier must pass that way too."""
+    package = flake["package"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "--import-mode=importlib", "-q",
+                             *package["pytestFlags"], *package["enabledTestPaths"],
+                             "-k", " and ".join(f"not {name}" for name in package["disabledTests"])],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

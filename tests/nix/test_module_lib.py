@@ -1,10 +1,8 @@
 """nixos/module.nix evaluated with the real nixpkgs `lib.evalModules`.
 
-Needs a nixpkgs `lib` tree: set TSNSRV_NIXPKGS_LIB to its `lib` directory, e.g. from
-https://github.com/nix-community/nixpkgs.lib (which Nix 2.8 evaluates):
-
-    git clone --depth 1 https://github.com/nix-community/nixpkgs.lib /tmp/nixpkgs.lib
-    TSNSRV_NIXPKGS_LIB=/tmp/nixpkgs.lib/lib pytest tests/nix
+Uses nixpkgs' `lib` from ../shared/vendor/nixpkgs.lib beside the checkout, or the `lib`
+directory that TSNSRV_NIXPKGS_LIB names (e.g. a checkout of
+https://github.com/nix-community/nixpkgs.lib, which Nix 2.8 evaluates).
 
 The NixOS options the module sets (systemd.services, assertions, security.acme.certs,
 ...) are declared minimally by tests/nix/eval-module.nix and `pkgs` is a stub, so the
@@ -14,21 +12,18 @@ units are checked as the module generates them, without building anything.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 
-from nixtools import TESTS, nix_eval, nix_string, run_nix
+from nixtools import NIXPKGS_LIB, NO_LIB_REASON, TESTS, nix_eval, nix_string, run_nix
 from tsnsrv import config
 
-LIB = os.environ.get("TSNSRV_NIXPKGS_LIB")
+LIB = NIXPKGS_LIB
 
-pytestmark = pytest.mark.skipif(
-    not LIB, reason="TSNSRV_NIXPKGS_LIB is not set: the module is not evaluated with the real nixpkgs lib "
-                    "(point it at the lib/ directory of github.com/nix-community/nixpkgs.lib)")
+pytestmark = pytest.mark.skipif(LIB is None, reason=NO_LIB_REASON)
 
 # The blog post's setup, as in README.md.
 BLOG = """{
@@ -167,7 +162,7 @@ def test_hardening(blog: dict, unit: str) -> None:
     sc = blog["units"][unit]["serviceConfig"]
     expected = {
         "CapabilityBoundingSet": "", "AmbientCapabilities": "", "NoNewPrivileges": True, "PrivateDevices": True,
-        "PrivateTmp": True, "PrivateUsers": True, "ProtectSystem": "strict", "ProtectHome": True,
+        "PrivateTmp": True, "PrivateUsers": False, "ProtectSystem": "strict", "ProtectHome": True,
         "ProtectProc": "invisible", "ProtectKernelTunables": True, "ProtectKernelModules": True,
         "ProtectControlGroups": True, "RestrictNamespaces": True, "LockPersonality": True,
         "MemoryDenyWriteExecute": True, "RestrictSUIDSGID": True, "SystemCallArchitectures": "native",
@@ -201,6 +196,9 @@ ASSERTION_CASES = {
     "funnelOnly without funnel": ('{ a = { toURL = "http://x:1"; funnelOnly = true; }; }', "funnelOnly = true needs"),
     "long attribute name": ('{ a-very-long-service-attribute-name = { toURL = "http://x:1"; }; }',
                             "1-24 lowercase letters"),
+    # Both would make tsnsrv-web-tailscaled.service, and one proxy unit would silently vanish.
+    "unit name clash": ('{ web = { toURL = "http://x:1"; }; web-tailscaled = { toURL = "http://x:2"; '
+                        'name = "other"; }; }', "tsnsrv-web-tailscaled.service"),
 }
 
 

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 import options_table
-from nixtools import REPO, TESTS, TSNSRV, nix_eval, nix_string, run_nix
+from nixtools import NIXPKGS_LIB, NO_LIB_REASON, REPO, TESTS, TSNSRV, nix_eval, nix_string, run_nix
 
 DOC = REPO / "README.md"
 
@@ -51,11 +51,11 @@ def tsnsrv_settings(block: str) -> str:
     raise AssertionError("unbalanced example")
 
 
-@pytest.mark.skipif(not os.environ.get("TSNSRV_NIXPKGS_LIB"), reason="TSNSRV_NIXPKGS_LIB is not set")
+@pytest.mark.skipif(NIXPKGS_LIB is None, reason=NO_LIB_REASON)
 def test_the_blog_configuration_evaluates() -> None:
     block = next(b for b in nix_blocks() if "funnel:/kobo/" in b)
     configuration = "{ " + tsnsrv_settings(block) + " }"
-    lib = nix_string(REPO / os.environ["TSNSRV_NIXPKGS_LIB"])
+    lib = nix_string(NIXPKGS_LIB)
     result = nix_eval(f"import {nix_string(TESTS / 'eval-module.nix')} {{ lib = import {lib}; "
                       f"configuration = {configuration}; }}")
     assert result["failedAssertions"] == []

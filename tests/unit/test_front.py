@@ -1,8 +1,6 @@
 """The front listener (tsnsrv.front) in-process, on a loopback port, without a tailnet.
 
-The peer check (sock_diag: "is this our tailscaled?") is replaced by a stand-in that
-admits or refuses, because that check is proved by the end-to-end hazard suite. What is
-proved here: the PROXY header decides the client and its kind (tailnet or Funnel),
+The peer check is a stand-in (harness/inprocess.py). What is proved here: the PROXY header decides the client and its kind (tailnet or Funnel),
 refused connections are closed and counted, TLS is served after the PROXY header, and a
 whole request flows front → proxy → a real upstream on a unix socket.
 """
@@ -11,103 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import ssl
-from collections.abc import AsyncIterator
 
-import attrs
 import pytest
-import pytest_asyncio
 import trustme
-from aiohttp import web
 
 from tsnsrv import proxyproto
 from tsnsrv.config import load
-from tsnsrv.front import FrontListener
 from tsnsrv.identity import WhoisCache
 from tsnsrv.metrics import Metrics
 from tsnsrv.proxy import Proxy
 from tsnsrv.tlscerts import server_context
 
-HOST = "books.tail1234.ts.net"
-
-
-class StandInPeerCheck:
-    """Admits every connection, or refuses all with a reason."""
-
-    def __init__(self, refusal: str | None = None):
-        self.reason = refusal
-        self.checked = 0
-
-    def refusal(self, _sock) -> str | None:
-        self.checked += 1
-        return self.reason
-
-
-async def echo_peer(request: web.BaseRequest) -> web.Response:
-    return web.json_response({**attrs.asdict(request.protocol.peer), "path": request.raw_path})
-
-
-@attrs.define
-class Front:
-    listener: FrontListener
-    metrics: Metrics
-    check: StandInPeerCheck
-
-    @property
-    def port(self) -> int:
-        return self.listener.port
-
-    def refused(self, reason: str) -> float:
-        return self.metrics.registry.get_sample_value("tsnsrv_refused_front_connections_total",
-                                                      {"reason": reason}) or 0.0
-
-
-def make_front(handler=echo_peer, refusal: str | None = None, **options) -> Front:
-    metrics, check = Metrics(), StandInPeerCheck(refusal)
-    settings = {"read_header_timeout": 5.0, "funnel_read_header_timeout": 5.0, "accept_tailnet": True,
-                "accept_funnel": True, **options}
-    listener = FrontListener("127.0.0.1", handler, check, metrics, **settings)
-    listener.bind()
-    listener.start()
-    return Front(listener, metrics, check)
-
-
-@pytest_asyncio.fixture
-async def fronts() -> AsyncIterator[list[Front]]:
-    started: list[Front] = []
-    yield started
-    for front in started:
-        await front.listener.stop_accepting()
-
-
-async def exchange(port: int, data: bytes, tls: ssl.SSLContext | None = None) -> bytes:
-    """Send the PROXY header and a request, return everything the server sends until it closes
-    (b"" when it closes the connection without answering)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    header, _, rest = data.partition(b"|")
-    try:
-        writer.write(header)
-        await writer.drain()
-        if tls is not None:
-            await writer.start_tls(tls, server_hostname=HOST)
-        writer.write(rest)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 5)
-    except (ConnectionResetError, BrokenPipeError):
-        return b""
-    finally:
-        writer.close()
-
-
-def request(path: str = "/", headers: str = "") -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n{headers}\r\n".encode()
-
-
-def body(response: bytes) -> dict:
-    head, _, payload = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return json.loads(payload)
+from harness.inprocess import HOST, body, exchange, make_front, request
 
 
 @pytest.mark.asyncio
@@ -194,24 +108,6 @@ async def test_slow_request_head_is_cut_off(fronts):
 
 
 # --- front → proxy → upstream ---------------------------------------------------------
-
-
-@pytest_asyncio.fixture
-async def upstream(tmp_path) -> AsyncIterator[tuple[str, list[dict]]]:
-    seen: list[dict] = []
-
-    async def record(request: web.Request) -> web.Response:
-        seen.append({"path_qs": request.raw_path, "headers": dict(request.headers)})
-        return web.Response(text="hello from upstream", headers={"X-Upstream": "1", "Connection": "close"})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    path = str(tmp_path / "upstream.sock")
-    await web.UnixSite(runner, path).start()
-    yield path, seen
-    await runner.cleanup()
 
 
 @pytest.mark.asyncio

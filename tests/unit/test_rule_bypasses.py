@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_front import exchange, fronts, make_front, request, upstream  # noqa: F401 (fixtures)
+from harness.inprocess import exchange, make_front, request
 from tsnsrv import proxyproto
 from tsnsrv.access import AccessPolicy, Identity, PathPolicy, has_control_characters, routing_views
 from tsnsrv.config import AccessRule, load
