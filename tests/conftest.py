@@ -9,7 +9,6 @@ When a test fails, the logs of every process it started are attached to its repo
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from harness.headscale import ALLOW_ALL_POLICY, Headscale
+from harness.headscale import Headscale, start_headscale
 from harness.processes import STARTED, free_port
 from harness.tailnet import ClientDevice, NetworkNamespace, SocksClient, TailscaleNode
 from harness.tsnsrv import Tsnsrv, ensure_tailscaled_test_user
@@ -31,6 +30,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
+        if "/systemd/" in str(item.fspath):
+            item.add_marker(pytest.mark.systemd)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -73,13 +74,6 @@ def netns() -> Iterator[NetworkNamespace]:
     namespace = NetworkNamespace(f"tsn{os.getpid()}", f"198.18.{block}.1", f"198.18.{block}.2").create()
     yield namespace
     namespace.destroy()
-
-
-def start_headscale(bin_dir: Path, host_ip: str, workdir: Path) -> Headscale:
-    server = Headscale(bin_dir / "headscale", workdir, host_ip, free_port(host_ip),
-                       free_port(host_ip, socket.SOCK_DGRAM))
-    server.write_config(ALLOW_ALL_POLICY)
-    return server.start()
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import textwrap
 import urllib.request
@@ -182,3 +183,11 @@ class Headscale:
         """Replace the ACL policy and make headscale load it now."""
         self.policy_path.write_text(json.dumps(policy, indent=2))
         self.process.send_signal(signal.SIGHUP)
+
+
+def start_headscale(bin_dir: Path, host_ip: str, workdir: Path, policy: dict[str, Any] = ALLOW_ALL_POLICY) -> Headscale:
+    """A headscale on `host_ip` (free ports), started and healthy."""
+    server = Headscale(bin_dir / "headscale", workdir, host_ip, free_port(host_ip),
+                       free_port(host_ip, socket.SOCK_DGRAM))
+    server.write_config(policy)
+    return server.start()

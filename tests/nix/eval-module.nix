@@ -6,52 +6,80 @@
 {
   lib,
   configuration,
+  # More modules, e.g. the VM test's `server` (nixos/tests/scenarios.nix).
+  modules ? [ ],
   tailscaleVersion ? "1.98.1",
 }:
 let
   inherit (lib) mkOption types;
 
-  fakeDerivation =
-    name: extra:
-    {
-      type = "derivation";
-      inherit name;
-      outPath = "/nix/store/00000000000000000000000000000000-${name}";
-    }
-    // extra;
-
-  pkgs = {
-    callPackage =
-      _fn: _args:
-      fakeDerivation "tsnsrv-0.1.0" {
-        version = "0.1.0";
-        meta.mainProgram = "tsnsrv";
-      };
-    tailscale = fakeDerivation "tailscale-${tailscaleVersion}" { version = tailscaleVersion; };
-    coreutils = fakeDerivation "coreutils-9.7" { };
-    # The file's name carries a hash of its content, so a test can tell which
-    # configuration a unit runs.
-    formats.json = _: {
-      generate =
-        name: value:
-        fakeDerivation "${builtins.hashString "sha256" (builtins.toJSON value)}-${name}" {
-          passthru.value = value;
-        };
-    };
-    runCommand = name: env: _script: fakeDerivation "${env.raw.name}-checked" { };
-    stdenv = {
-      buildPlatform.canExecute = _: true;
-      hostPlatform = { };
-    };
-  };
+  pkgs = import ./stub-pkgs.nix { inherit tailscaleVersion; };
 
   # nixpkgs' own implementation (nixos/lib/utils.nix).
   utils.escapeSystemdExecArgs = lib.concatMapStringsSep " " (
     arg: lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON arg)
   );
 
-  # The NixOS options the module sets, declared loosely: the module's own options are
-  # what is under test.
+  # nixos/lib/systemd-unit-options.nix's unit option values: lists concatenate, other
+  # values must agree.
+  unitOption = types.mkOptionType {
+    name = "systemd option";
+    merge =
+      loc: defs:
+      if lib.any (def: builtins.isList def.value) defs then
+        lib.concatMap (def: lib.toList def.value) defs
+      else
+        lib.mergeEqualOption loc defs;
+  };
+  listOption = mkOption {
+    type = types.listOf types.str;
+    default = [ ];
+  };
+  # The parts of NixOS's systemd.services.<name> that the module and the VM test use.
+  systemdService = {
+    options = {
+      description = mkOption {
+        type = types.str;
+        default = "";
+      };
+      wantedBy = listOption;
+      requires = listOption;
+      wants = listOption;
+      after = listOption;
+      before = listOption;
+      environment = mkOption {
+        type = types.attrsOf (types.nullOr (types.either types.str types.package));
+        default = { };
+      };
+      path = mkOption {
+        type = types.listOf types.package;
+        default = [ ];
+      };
+      serviceConfig = mkOption {
+        type = types.attrsOf unitOption;
+        default = { };
+      };
+      unitConfig = mkOption {
+        type = types.attrsOf unitOption;
+        default = { };
+      };
+      stopIfChanged = mkOption {
+        type = types.bool;
+        default = true;
+      };
+      restartIfChanged = mkOption {
+        type = types.bool;
+        default = true;
+      };
+      reloadIfChanged = mkOption {
+        type = types.bool;
+        default = false;
+      };
+    };
+  };
+
+  # The NixOS options the module sets, declared loosely where only the module's own
+  # options are under test.
   nixosStubs =
     { ... }:
     {
@@ -69,8 +97,15 @@ let
           default = { };
         };
         systemd.services = mkOption {
-          type = types.attrsOf (types.attrsOf types.unspecified);
+          type = types.attrsOf (types.submodule systemdService);
           default = { };
+        };
+        systemd.globalEnvironment = mkOption {
+          type = types.attrsOf types.str;
+          default = {
+            TZDIR = "/etc/zoneinfo";
+            LOCALE_ARCHIVE = "${pkgs.glibcLocales}/lib/locale/locale-archive";
+          };
         };
         services.resolved.enable = mkOption {
           type = types.bool;
@@ -111,7 +146,8 @@ let
       {
         _module.args = { inherit pkgs utils; };
       }
-    ];
+    ]
+    ++ modules;
   };
 
   inherit (eval) config;
@@ -167,6 +203,19 @@ in
   ) config.services.tsnsrv.services;
 
   acmeReloads = lib.mapAttrs (_: cert: cert.reloadServices) config.security.acme.certs;
+
+  # The unit files as NixOS writes them.
+  unitFiles = (import ./systemd-units.nix { inherit lib; }).render {
+    services = config.systemd.services;
+    inherit (config.systemd) globalEnvironment;
+    defaultPath = with pkgs; [
+      coreutils
+      findutils
+      gnugrep
+      gnused
+      systemd
+    ];
+  };
 
   options = {
     services = lib.mapAttrs (_: describe) serviceOptions;

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import pytest
 
-from nixtools import NIXOS, TESTS, nix_eval, nix_string
+from harness.nixtools import NIXOS, TESTS, nix_eval, nix_string
 from tsnsrv import config
 
 RUNTIME_KEYS = set(config.FIELDS)

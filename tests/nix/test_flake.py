@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from nixtools import NIXPKGS_LIB, NO_LIB_REASON, REPO, TESTS, nix_eval, nix_string
+from harness.nixtools import NIXPKGS_LIB, NO_LIB_REASON, REPO, TESTS, nix_eval, nix_string
 
 LIB = NIXPKGS_LIB
 needs_lib = pytest.mark.skipif(LIB is None, reason=NO_LIB_REASON)

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import pytest
 
-from nixtools import NIXPKGS_LIB, NO_LIB_REASON, TESTS, nix_eval, nix_string, run_nix
+from harness.nixtools import NIXPKGS_LIB, NO_LIB_REASON, TESTS, nix_eval, nix_string, run_nix
 from tsnsrv import config
 
 LIB = NIXPKGS_LIB

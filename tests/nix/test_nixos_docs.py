@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 import options_table
-from nixtools import NIXPKGS_LIB, NO_LIB_REASON, REPO, TESTS, TSNSRV, nix_eval, nix_string, run_nix
+from harness.nixtools import NIXPKGS_LIB, NO_LIB_REASON, REPO, TESTS, TSNSRV, nix_eval, nix_string, run_nix
 
 DOC = REPO / "README.md"
 

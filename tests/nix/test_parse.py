@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nixtools import REPO, run_nix
+from harness.nixtools import REPO, run_nix
 
 
 def nix_files() -> list[Path]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from nixtools import NIXOS, TESTS, nix_eval, nix_string, tsnsrv_check
+from harness.nixtools import NIXOS, TESTS, nix_eval, nix_string, tsnsrv_check
 
 FIXTURES = ["books", "home", "alertmanager", "docs", "grafana", "everything"]
 

@@ -1,32 +1,46 @@
 #!/usr/bin/python3
 """Command agent of the systemd test tier, run inside the guest by systemd.
 
-Reads one JSON request per line from the virtio serial port given as its argument,
+Reads one JSON request per line from the virtio serial port named by its argument,
 {"id": N, "command": "shell text", "timeout": seconds}, runs the command with bash as
 root, and answers {"id": N, "status": exit status, "stdout": ..., "stderr": ...}. The
 host side is tests/systemd/guest.py. Nothing but that port can reach it.
 """
 
+import glob
 import json
+import os
 import subprocess
 import sys
 import time
 
 
-def main(port: str) -> None:
-    with open(port, "rb", buffering=0) as incoming, open(port, "wb", buffering=0) as outgoing:
-        outgoing.write(b'{"ready": true}\n')
-        buffer = b""
-        while True:
-            chunk = incoming.read(65536)
-            if not chunk:  # the host side is not connected (yet, or any more)
-                time.sleep(0.2)
-                continue
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                if line.strip():
-                    outgoing.write(json.dumps(run(json.loads(line))).encode() + b"\n")
+def port_device(name: str) -> str:
+    """/dev/vportNpM of the virtio serial port called `name` (udev may not link it yet)."""
+    while True:
+        for entry in glob.glob("/sys/class/virtio-ports/*/name"):
+            with open(entry) as f:
+                if f.read().strip() == name:
+                    return "/dev/" + entry.split("/")[-2]
+        time.sleep(0.2)
+
+
+def main(name: str) -> None:
+    port = os.open(port_device(name), os.O_RDWR)  # a virtio port opens once: one fd both ways
+    os.write(port, b'{"ready": true}\n')
+    buffer = b""
+    while True:
+        chunk = os.read(port, 65536)
+        if not chunk:  # the host side is not connected (yet, or any more)
+            time.sleep(0.2)
+            continue
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if line.strip():
+                answer = json.dumps(run(json.loads(line))).encode() + b"\n"
+                while answer:
+                    answer = answer[os.write(port, answer):]
 
 
 def run(request: dict) -> dict:

@@ -1,0 +1,54 @@
+# The package set that tests/nix evaluates the module with: derivations that are only
+# names and store paths (nothing is built), with what the module and the VM test's
+# scenarios read from them.
+{
+  tailscaleVersion ? "1.98.1",
+}:
+let
+  fakeDerivation =
+    name: extra:
+    {
+      type = "derivation";
+      inherit name;
+      outPath = "/nix/store/00000000000000000000000000000000-${name}";
+    }
+    // extra;
+in
+{
+  callPackage =
+    _fn: _args:
+    fakeDerivation "tsnsrv-0.1.0" {
+      version = "0.1.0";
+      meta.mainProgram = "tsnsrv";
+    };
+  tailscale = fakeDerivation "tailscale-${tailscaleVersion}" { version = tailscaleVersion; };
+  coreutils = fakeDerivation "coreutils-9.7" { };
+  # What NixOS puts on every service's PATH, and in its global environment.
+  findutils = fakeDerivation "findutils-4.10.0" { };
+  gnugrep = fakeDerivation "gnugrep-3.12" { };
+  gnused = fakeDerivation "gnused-4.9" { };
+  systemd = fakeDerivation "systemd-258" { };
+  glibcLocales = fakeDerivation "glibc-locales-2.40" { };
+  python3 = fakeDerivation "python3-3.13" {
+    interpreter = "/nix/store/00000000000000000000000000000000-python3-3.13/bin/python3";
+    withPackages =
+      _f:
+      fakeDerivation "python3-3.13-env" {
+        interpreter = "/nix/store/00000000000000000000000000000000-python3-3.13-env/bin/python3";
+      };
+  };
+  # The file's name carries a hash of its content, so a test can tell which
+  # configuration a unit runs.
+  formats.json = _: {
+    generate =
+      name: value:
+      fakeDerivation "${builtins.hashString "sha256" (builtins.toJSON value)}-${name}" {
+        passthru.value = value;
+      };
+  };
+  runCommand = name: env: _script: fakeDerivation "${env.raw.name}-checked" { };
+  stdenv = {
+    buildPlatform.canExecute = _: true;
+    hostPlatform = { };
+  };
+}

@@ -1,0 +1,76 @@
+"""The NixOS module's units, rendered as NixOS writes them, under systemd 252 with cgroup v2
+in a QEMU guest: systemd accepts them, the NixOS VM test's own scenarios pass on them
+(nixos/tests/scenarios.nix, the same script `nix flake check` runs), and an ACME renewal
+reaches the proxy as a reload. The tests share one boot and run in this order."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import trustme
+
+from conftest import ACME_HOST, scenario_namespace
+
+
+def test_systemd_accepts_every_rendered_unit(tier):
+    out = tier.guest.succeed("systemd-analyze verify --man=no /etc/systemd/system/tsnsrv-*.service "
+                             "/nix/units/changed/tsnsrv-web.service 2>&1; echo status=$?")
+    assert out.strip().endswith("status=0"), out
+    problems = [line for line in out.splitlines()[:-1] if "tsnsrv" in line]
+    assert problems == [], problems
+
+
+def test_the_vm_test_scenarios_pass_on_the_units_under_systemd(tier):
+    namespace = scenario_namespace(tier)
+    exec(compile(tier.script, "nixos/tests/scenarios.nix (testScript)", "exec"), namespace)
+
+    done = tier.subtests.done
+    print(f"{len(done)} scenarios passed:")
+    for name, seconds in done:
+        print(f"  {seconds:6.1f}s  {name}")
+    assert len(done) == tier.script.count("with subtest(")
+
+
+def served_serial(client, ca_path, ip: str) -> str:
+    out = client.succeed(f"openssl s_client -connect {ip}:443 -servername {ACME_HOST} -CAfile {ca_path} "
+                         "-verify_return_error </dev/null 2>/dev/null | openssl x509 -noout -serial")
+    return out.strip().removeprefix("serial=")
+
+
+def test_an_acme_renewal_reaches_the_proxy_as_a_reload(tier, tmp_path):
+    server, client = tier.machines["server"], tier.machines["client"]
+    ca = trustme.CA()
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    directory = f"/var/lib/acme/{ACME_HOST}"
+
+    def issue() -> str:
+        """New files in the certificate's directory, as the ACME module leaves them; returns the serial."""
+        leaf = ca.issue_cert(ACME_HOST)
+        chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems).decode()
+        key = leaf.private_key_pem.bytes().decode()
+        server.succeed(f"getent group acme || groupadd --system acme; mkdir -p {directory}; cd {directory}; "
+                       f"cat > fullchain.pem.new <<'EOF'\n{chain}EOF\ncat > key.pem.new <<'EOF'\n{key}EOF\n"
+                       "chgrp acme *.new; chmod 0640 *.new; mv fullchain.pem.new fullchain.pem; mv key.pem.new key.pem")
+        return server.succeed(f"openssl x509 -noout -serial -in {directory}/fullchain.pem").strip().removeprefix("serial=")
+
+    first = issue()
+    server.systemctl("start --no-block tsnsrv-certs.service")
+    server.wait_for_unit("tsnsrv-certs.service")
+    [health] = json.loads(server.succeed("tsnsrv status --json certs"))
+    ip = next(address for address in health["node"]["addresses"] if ":" not in address)
+    client.wait_until_succeeds(f"tailscale ping -c 1 {ip}")
+    assert served_serial(client, ca_path, ip) == first
+    pid = server.succeed("systemctl show -P MainPID tsnsrv-certs.service").strip()
+
+    renewed = issue()
+    # What security.acme does with reloadServices once it has renewed a certificate.
+    for unit in tier.base.acme_reloads[ACME_HOST]:
+        server.succeed(f"systemctl try-reload-or-restart {unit}")
+
+    client.wait_until_succeeds(f"test \"$(openssl s_client -connect {ip}:443 -servername {ACME_HOST} "
+                               f"</dev/null 2>/dev/null | openssl x509 -noout -serial)\" = serial={renewed}", 60)
+    assert served_serial(client, ca_path, ip) == renewed != first
+    assert server.succeed("systemctl show -P MainPID tsnsrv-certs.service").strip() == pid  # reloaded, not restarted
+    assert re.search(r"SIGHUP: certificate valid until", server.succeed("journalctl -u tsnsrv-certs.service -o cat"))
