@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from harness.headscale import ALLOW_ALL_POLICY, Headscale  # noqa: E402
+from harness import janitor  # noqa: E402
 from harness.processes import STARTED, ManagedProcess, free_port, wait_for  # noqa: E402
 from harness.tailnet import ClientDevice, NetworkNamespace, TailscaleNode, offline_env  # noqa: E402
 from harness.tsnsrv import Tsnsrv, ensure_tailscaled_test_user, tsnsrv_command  # noqa: E402
@@ -1095,6 +1096,7 @@ def write_results(result: dict[str, Any], machine: dict[str, str], out: Path) ->
 
 
 def main() -> int:
+    janitor.start()  # every process and namespace of the bench is gone when it ends, however it ends
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bin-dir", type=Path, required=True, help="directory with tailscaled, tailscale, headscale")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs, one round (< 3 minutes)")

@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from harness import janitor  # noqa: E402
 from harness.headscale import ALLOW_ALL_POLICY, Headscale  # noqa: E402
 from harness.tailnet import ClientDevice, NetworkNamespace, TailscaleNode  # noqa: E402
 from harness.tsnsrv import Tsnsrv, ensure_tailscaled_test_user, tsnsrv_command  # noqa: E402
@@ -45,6 +46,7 @@ def main() -> int:
         print("the demo needs root: it creates a network namespace for the client device", file=sys.stderr)
         return 1
     ensure_tailscaled_test_user()
+    janitor.start()  # everything below is gone when the demo ends, however it ends
     work = Path(tempfile.mkdtemp(prefix="tsnsrv-demo-", dir="/var/tmp"))
     work.chmod(0o711)
     netns = NetworkNamespace(f"tsndemo{os.getpid() % 10000}", "198.18.250.1", "198.18.250.2").create()

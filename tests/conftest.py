@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from harness import janitor
 from harness.headscale import Headscale, start_headscale
 from harness.processes import STARTED, free_port
 from harness.tailnet import ClientDevice, NetworkNamespace, SocksClient, TailscaleNode
@@ -24,6 +25,10 @@ from harness.tsnsrv import Tsnsrv, ensure_tailscaled_test_user
 from harness.upstream import Upstream
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    janitor.start()  # whatever the harness starts is gone when this run ends, even if it is killed
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from . import janitor
+
 T = TypeVar("T")
 
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
@@ -66,6 +68,7 @@ class ManagedProcess:
         self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env=self.env, cwd=self.cwd, start_new_session=True)
         log.close()
+        janitor.process_group(self.process.pid)
         STARTED.append(self)
         return self
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import janitor
 from .processes import ManagedProcess, wait_for
 
 OFFLINE_ENV = {
@@ -49,6 +50,7 @@ class NetworkNamespace:
             assert network.subnet_of(ipaddress.ip_network("198.18.0.0/15")), "test addresses stay in 198.18.0.0/15"
         self.destroy()
         run = _ip
+        janitor.namespace(self.name, self.host_if)
         run("netns", "add", self.name)
         run("link", "add", self.host_if, "type", "veth", "peer", "name", "eth0", "netns", self.name)
         run("addr", "add", f"{self.host_ip}/{self.prefix}", "dev", self.host_if)
@@ -174,7 +176,9 @@ class ClientDevice:
                               input=input)
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
-        return subprocess.Popen(self.netns.command(argv), **kwargs)
+        process = subprocess.Popen(self.netns.command(argv), start_new_session=True, **kwargs)
+        janitor.process_group(process.pid)
+        return process
 
     def curl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return self.run(["curl", "--silent", "--show-error", "--max-time", str(timeout), *args],
