@@ -215,16 +215,17 @@ class Node:
         current, _etag = await self.api.serve_config()
         if self.shields_up:
             # Funnel cannot be allowed while shields are up: claim the ports first.
-            claims_only = {"TCP": config["TCP"]}
-            if current != claims_only:
-                await self.api.set_serve_config(claims_only)
-                current = claims_only
+            current = await self._set_serve_config(current, {"TCP": config["TCP"]})
             await self.api.edit_prefs({"ShieldsUp": False, "ShieldsUpSet": True})
             self.shields_up = False
             log.info("shields down: the Serve config claims every port tailscaled itself reaches on host loopback")
+        await self._set_serve_config(current, config)
+
+    async def _set_serve_config(self, current: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         if current != config:
             await self.api.set_serve_config(config)
-            log.info("serve config set: %s", json.dumps(config, sort_keys=True))
+        log.info("serve config set: %s", json.dumps(config, sort_keys=True))
+        return config
 
     async def watch(self) -> None:
         """Follow the node's state and health until tailscaled goes away (then raises)."""
