@@ -59,6 +59,7 @@
                   aiohttp
                   attrs
                   cattrs
+                  httptools
                   prometheus-client
                   pytest
                   pytest-asyncio
@@ -66,6 +67,7 @@
                   hypothesis
                   websockets
                   trustme
+                  dnslib
                 ]
               ))
               pkgs.tailscale

@@ -28,9 +28,9 @@ python3Packages.buildPythonApplication {
   build-system = [ python3Packages.setuptools ];
 
   dependencies = with python3Packages; [
-    aiohttp
     attrs
     cattrs
+    httptools
     prometheus-client
   ];
 
@@ -40,6 +40,7 @@ python3Packages.buildPythonApplication {
 
   nativeCheckInputs = with python3Packages; [
     pytestCheckHook
+    aiohttp
     pytest-asyncio
     pytest-timeout
     hypothesis

@@ -8,11 +8,17 @@ issue #237).
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs
 
-import aiohttp
 import attrs
 
 from .config import ServiceConfig
@@ -98,28 +104,37 @@ async def mint_auth_key(secret: OAuthSecret, tags: list[str], timeout: float = 3
     """Exchange an OAuth client secret for a single-use auth key carrying `tags`."""
     if not tags:
         raise AuthKeyError("an OAuth client secret needs tags to create a key with; set tags (--tag tag:NAME)")
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
-    async with aiohttp.ClientSession(timeout=client_timeout) as session:
-        token_url = f"{secret.base_url}/api/v2/oauth/token"
-        try:
-            async with session.post(token_url, data={"grant_type": "client_credentials"},
-                                    headers={"Authorization": aiohttp.encode_basic_auth("tsnsrv", secret.secret)}
-                                    ) as resp:
-                if resp.status != 200:
-                    raise _http_failure(f"OAuth token request to {token_url}", resp.status, await resp.text())
-                token = (await resp.json())["access_token"]
-            capabilities = {"devices": {"create": {"reusable": False, "ephemeral": secret.ephemeral,
-                                                   "preauthorized": secret.preauthorized, "tags": tags}}}
-            keys_url = f"{secret.base_url}/api/v2/tailnet/-/keys"
-            async with session.post(keys_url, json={"capabilities": capabilities},
-                                    headers={"Authorization": f"Bearer {token}"}) as resp:
-                if resp.status != 200:
-                    raise _http_failure(f"creating an auth key at {keys_url}", resp.status, await resp.text())
-                return (await resp.json())["key"]
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise OAuthUnavailable(f"OAuth exchange with {secret.base_url} failed: {exc!r}") from None
-        except (KeyError, ValueError) as exc:
-            raise AuthKeyError(f"OAuth exchange with {secret.base_url} gave an unexpected answer: {exc!r}") from None
+    # Once per login: the standard library's client (in a thread) is all this needs.
+    return await asyncio.to_thread(_mint_auth_key, secret, tags, timeout)
+
+
+def _post(url: str, what: str, body: bytes, headers: dict[str, str], timeout: float) -> Any:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise _http_failure(what, exc.code, exc.read().decode(errors="replace")) from None
+
+
+def _mint_auth_key(secret: OAuthSecret, tags: list[str], timeout: float) -> str:
+    token_url = f"{secret.base_url}/api/v2/oauth/token"
+    keys_url = f"{secret.base_url}/api/v2/tailnet/-/keys"
+    basic = base64.b64encode(f"tsnsrv:{secret.secret}".encode()).decode()
+    try:
+        token = _post(token_url, f"OAuth token request to {token_url}",
+                      urllib.parse.urlencode({"grant_type": "client_credentials"}).encode(),
+                      {"Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"},
+                      timeout)["access_token"]
+        capabilities = {"devices": {"create": {"reusable": False, "ephemeral": secret.ephemeral,
+                                               "preauthorized": secret.preauthorized, "tags": tags}}}
+        answer = _post(keys_url, f"creating an auth key at {keys_url}", json.dumps({"capabilities": capabilities}).encode(),
+                       {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, timeout)
+        return answer["key"]
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise OAuthUnavailable(f"OAuth exchange with {secret.base_url} failed: {exc!r}") from None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise AuthKeyError(f"OAuth exchange with {secret.base_url} gave an unexpected answer: {exc!r}") from None
 
 
 def _http_failure(what: str, status: int, body: str) -> Exception:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import os
 import time
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from aiohttp import web
 
 from . import __version__
+from .http1 import Exchange, ServerConnection
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -106,47 +107,46 @@ class ControlServer:
         self.health = health
         self.metrics = metrics
         self.probe_upstream = probe_upstream
-        self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.Server] = []
 
-    def _app(self, with_health: bool) -> web.Application:
-        app = web.Application()
-        if with_health:
-            app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics)
-        return app
+    def _answer(self, exchange: Exchange, with_health: bool) -> None:
+        request = exchange.request
+        path, _, query = request.target.partition("?")
+        if path == "/metrics":
+            exchange.respond(200, self.metrics.exposition(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/health" and with_health:
+            asyncio.ensure_future(self._health(exchange, probe="probe=" in query))
+        else:
+            exchange.respond(404, b"404 Not Found\n")
 
-    async def _health(self, request: web.Request) -> web.Response:
+    async def _health(self, exchange: Exchange, probe: bool) -> None:
         body = self.health.as_json()
-        if request.query.get("probe"):
+        if probe:
             body["upstream"].update(await self.probe_upstream())
-        return web.json_response(body, status=200 if self.health.ready else 503)
-
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.exposition(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        if not exchange.client_gone:
+            exchange.respond(200 if self.health.ready else 503, json.dumps(body).encode(),
+                             content_type=b"application/json")
 
     async def start_unix(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         if path.is_socket():
             path.unlink()
-        runner = web.AppRunner(self._app(with_health=True), access_log=None)
-        await runner.setup()
-        await web.UnixSite(runner, str(path)).start()
+        server = await asyncio.get_running_loop().create_unix_server(
+            lambda: ServerConnection(lambda exchange: self._answer(exchange, with_health=True)), str(path))
         os.chmod(path, 0o660)  # root and the service's own user/group may ask
-        self._runners.append(runner)
+        self._servers.append(server)
 
     async def start_tcp(self, host: str, port: int) -> None:
-        runner = web.AppRunner(self._app(with_health=False), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host or None, port).start()
-        self._runners.append(runner)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: ServerConnection(lambda exchange: self._answer(exchange, with_health=False)), host or None, port)
+        self._servers.append(server)
         log.info("metrics on http://%s:%d/metrics", host or "*", port)
 
-    async def tailnet_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+    def tailnet_metrics(self, exchange: Exchange) -> None:
         """/metrics for a front listener on a tailnet port (--metrics-addr tailnet:PORT)."""
-        if request.path != "/metrics":
-            return web.Response(status=404, text="404 Not Found\n")
-        return await self._metrics(request)  # type: ignore[arg-type]
+        self._answer(exchange, with_health=False)
 
     async def close(self) -> None:
-        await asyncio.gather(*(runner.cleanup() for runner in self._runners), return_exceptions=True)
+        for server in self._servers:
+            server.close()
+        await asyncio.gather(*(server.wait_closed() for server in self._servers), return_exceptions=True)

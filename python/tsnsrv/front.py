@@ -1,8 +1,8 @@
 """The front listener: where tailscaled's Serve forwards tailnet (and Funnel) connections.
 
 Each connection must come from our tailscaled (see peercheck), starts with a PROXY v2
-header naming the real client, then carries TLS or plain HTTP, which aiohttp's
-request handler takes over. The handler knows its client from `request.protocol.peer`.
+header naming the real client, then carries TLS or plain HTTP, which an
+http1.ServerConnection takes over, knowing its client (`Peer`).
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import attrs
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from . import proxyproto
 from .access import FUNNEL, TAILNET
+from .http1 import Application, ServerConnection
 from .identity import is_tailnet_address
 from .metrics import Metrics
 from .peercheck import PEER_GONE, TailscaledPeerCheck
@@ -28,10 +25,6 @@ from .peercheck import PEER_GONE, TailscaledPeerCheck
 log = logging.getLogger(__name__)
 
 PROXY_HEADER_TIMEOUT = 10.0
-# aiohttp's request parser limits; Go's net/http allows 1 MiB of headers.
-HTTP_LIMITS = {"max_line_size": 65536, "max_field_size": 65536}
-
-
 @attrs.frozen
 class Peer:
     """The client behind one front connection, from its PROXY header."""
@@ -46,47 +39,6 @@ class Peer:
         return self.provenance == FUNNEL
 
 
-class TailnetConnection(RequestHandler):
-    """aiohttp's HTTP/1.1 connection handler, knowing its client and guarding header reads.
-
-    Between requests (and before the first) the client has `header_timeout` to deliver a
-    complete request head; a slowloris trickle or an idle keep-alive connection past
-    that is closed, like Go's ReadHeaderTimeout with IdleTimeout unset.
-    """
-
-    def __init__(self, manager: web.Server, *, peer: Peer, header_timeout: float, **kwargs: Any):
-        super().__init__(manager, **kwargs)
-        self.peer = peer
-        self._header_timeout = header_timeout
-        self._header_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.request_finished()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.request_started()
-        super().connection_lost(exc)
-
-    def request_started(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def request_finished(self) -> None:
-        if self._header_timeout > 0:
-            self._header_timer = asyncio.get_running_loop().call_later(self._header_timeout, self._headers_too_slow)
-
-    def _headers_too_slow(self) -> None:
-        log.debug("closing connection from %s: no request head within %.0fs", self.peer.address,
-                  self._header_timeout)
-        if self.transport is not None:
-            self.transport.close()
-
-
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-
-
 def reserve_closed_port(address: str) -> socket.socket:
     """A port on `address` that nothing listens on and nobody else can take: connecting
     there is refused. Keep the socket open for as long as the port is in use."""
@@ -96,21 +48,11 @@ def reserve_closed_port(address: str) -> socket.socket:
 
 
 class FrontListener:
-    def __init__(self, address: str, handler: Handler, peer_check: TailscaledPeerCheck, metrics: Metrics, *,
+    def __init__(self, address: str, app: Application, peer_check: TailscaledPeerCheck, metrics: Metrics, *,
                  read_header_timeout: float, funnel_read_header_timeout: float, accept_tailnet: bool,
                  accept_funnel: bool):
         self.address = address
-
-        async def guarded(request: web.BaseRequest) -> web.StreamResponse:
-            connection: TailnetConnection = request.protocol  # type: ignore[assignment]
-            connection.request_started()
-            try:
-                return await handler(request)
-            finally:
-                connection.request_finished()
-
-        # handler_cancellation: a client that hangs up cancels its upstream exchange too.
-        self.web_server = web.Server(guarded, handler_cancellation=True, access_log=None)
+        self.app = app
         self.peer_check = peer_check
         self.metrics = metrics
         self.tls_context: ssl.SSLContext | None = None
@@ -122,6 +64,7 @@ class FrontListener:
         self.port = 0  # until bound
         self._accept_task: asyncio.Task | None = None
         self._admissions: set[asyncio.Task] = set()
+        self.connections: set[ServerConnection] = set()
         self._last_refusal_log = 0.0
 
     def bind(self) -> int:
@@ -192,9 +135,10 @@ class FrontListener:
         peer = Peer(str(header.source), header.source_port, provenance, tls is not None)
         timeout = self.funnel_read_header_timeout if provenance == FUNNEL else self.read_header_timeout
 
-        def connection() -> TailnetConnection:
-            return TailnetConnection(self.web_server, loop=loop, peer=peer, header_timeout=timeout,
-                                     access_log=None, **HTTP_LIMITS)
+        def connection() -> ServerConnection:
+            served = ServerConnection(self.app, peer, timeout, on_closed=self.connections.discard)
+            self.connections.add(served)
+            return served
 
         try:
             await loop.connect_accepted_socket(connection, conn, ssl=tls,
@@ -202,6 +146,19 @@ class FrontListener:
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
             log.debug("TLS handshake with %s failed: %s", peer.address, exc)
             conn.close()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Let the requests in flight finish (for up to `timeout`), close idle connections
+        at once and every other one once its response is out; then cut off the rest."""
+        for connection in list(self.connections):
+            connection.close_after_response = True
+            if connection.idle:
+                connection.close()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.abort()
 
     def _refuse(self, conn: socket.socket, reason: str, message: str, level: int) -> None:
         conn.close()

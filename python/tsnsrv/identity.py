@@ -58,15 +58,22 @@ class WhoisCache:
         self._last_warning = 0.0
         self._cached_hits = metrics.whois.labels("cached")
 
-    async def lookup(self, address: str) -> Identity | None:
-        """The identity behind a tailnet address; None if tailscaled knows no node there.
-
-        Raises IdentityUnavailable when tailscaled could not be asked (not cached)."""
+    def cached(self, address: str) -> tuple[bool, Identity | None]:
+        """(True, identity) if a fresh answer for `address` is at hand, without waiting."""
         entry = self._entries.get(address)
         if entry is not None and entry[0] > time.monotonic():
             self._entries.move_to_end(address)
             self._cached_hits.inc()
-            return entry[1]
+            return True, entry[1]
+        return False, None
+
+    async def lookup(self, address: str) -> Identity | None:
+        """The identity behind a tailnet address; None if tailscaled knows no node there.
+
+        Raises IdentityUnavailable when tailscaled could not be asked (not cached)."""
+        hit, identity = self.cached(address)
+        if hit:
+            return identity
         pending = self._pending.get(address)
         if pending is None:
             # A task of its own, so that the request that started it may be cancelled

@@ -7,16 +7,21 @@ root) may write.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
-import aiohttp
+import httptools
 
-BASE = "http://local-tailscaled.sock/localapi/v0/"
+from . import http1
+from .http1 import HeaderList
+
+HOST = "local-tailscaled.sock"
 
 # ipn.NotifyWatchOpt bits (ipn/backend.go)
 NOTIFY_INITIAL_STATE = 1 << 1
@@ -40,33 +45,40 @@ class TailscaledUnreachable(Exception):
 class LocalAPI:
     def __init__(self, socket_path: Path):
         self.socket_path = socket_path
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=str(self.socket_path), limit=0),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-                auto_decompress=False,
-            )
-        return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        """Nothing to close: every request has a connection of its own."""
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            async with asyncio.timeout(5):
+                return await asyncio.open_unix_connection(str(self.socket_path))
+        except (OSError, TimeoutError) as exc:
+            raise TailscaledUnreachable(f"tailscaled LocalAPI at {self.socket_path}: {exc}") from exc
+
+    async def _send(self, method: str, path: str, params: dict[str, str] | None, body: Any,
+                    headers: HeaderList | None) -> http1.ClientResponse:
+        target = "/localapi/v0/" + path + (f"?{urlencode(params)}" if params else "")
+        payload = b"" if body is None else json.dumps(body).encode()
+        try:
+            return await http1.request(self._open, method, target, HOST, headers, payload)
+        except (ConnectionError, OSError, httptools.HttpParserError) as exc:
+            raise TailscaledUnreachable(f"tailscaled LocalAPI at {self.socket_path}: {exc}") from exc
 
     async def _request(self, method: str, path: str, *, expect: tuple[int, ...] = (200,), timeout: float | None = 30,
-                       **kwargs: Any) -> tuple[int, bytes, Any]:
-        try:
-            async with self.session.request(method, BASE + path, timeout=aiohttp.ClientTimeout(total=timeout),
-                                            **kwargs) as resp:
-                body = await resp.read()
-                if resp.status not in expect:
-                    raise LocalAPIError(method, path, resp.status, body.decode(errors="replace"))
-                return resp.status, body, resp.headers
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
-            raise TailscaledUnreachable(f"tailscaled LocalAPI at {self.socket_path}: {exc}") from exc
+                       params: dict[str, str] | None = None, json_body: Any = None,
+                       headers: HeaderList | None = None) -> tuple[int, bytes, http1.ClientResponse]:
+        async with asyncio.timeout(timeout):
+            response = await self._send(method, path, params, json_body, headers)
+            try:
+                body = await response.read()
+            except (ConnectionError, OSError, httptools.HttpParserError) as exc:
+                raise TailscaledUnreachable(f"tailscaled LocalAPI at {self.socket_path}: {exc}") from exc
+            finally:
+                response.close()
+        if response.status not in expect:
+            raise LocalAPIError(method, path, response.status, body.decode(errors="replace"))
+        return response.status, body, response
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         _, body, _ = await self._request(method, path, **kwargs)
@@ -85,13 +97,13 @@ class LocalAPI:
         return await self._json("GET", "prefs")
 
     async def edit_prefs(self, masked: dict[str, Any]) -> dict[str, Any]:
-        return await self._json("PATCH", "prefs", json=masked)
+        return await self._json("PATCH", "prefs", json_body=masked)
 
     async def start(self, prefs: dict[str, Any], auth_key: str | None) -> None:
         options: dict[str, Any] = {"UpdatePrefs": prefs}
         if auth_key:
             options["AuthKey"] = auth_key
-        await self._request("POST", "start", json=options, expect=(200, 204))
+        await self._request("POST", "start", json_body=options, expect=(200, 204))
 
     async def login_interactive(self) -> None:
         await self._request("POST", "login-interactive", expect=(200, 204))
@@ -100,12 +112,12 @@ class LocalAPI:
         await self._request("POST", "logout", expect=(200, 204), timeout=10)
 
     async def serve_config(self) -> tuple[dict[str, Any], str]:
-        _, body, headers = await self._request("GET", "serve-config")
-        return (json.loads(body) or {}), headers.get("Etag", "")
+        _, body, response = await self._request("GET", "serve-config")
+        return (json.loads(body) or {}), (response.header(b"etag") or b"").decode()
 
     async def set_serve_config(self, config: dict[str, Any], etag: str | None = None) -> None:
-        headers = {"If-Match": etag} if etag else {}
-        await self._request("POST", "serve-config", json=config, headers=headers, expect=(200, 204))
+        headers = [(b"If-Match", etag.encode())] if etag else []
+        await self._request("POST", "serve-config", json_body=config, headers=headers, expect=(200, 204))
 
     async def cert_pair(self, domain: str, min_validity_seconds: int) -> tuple[bytes, bytes]:
         """The node's TLS key and certificate chain for `domain`, as PEM."""
@@ -119,21 +131,22 @@ class LocalAPI:
 
     async def watch_ipn_bus(self, mask: int) -> AsyncIterator[dict[str, Any]]:
         """Notifications from tailscaled, one JSON object per line, until the stream ends."""
+        response = await self._send("GET", "watch-ipn-bus", {"mask": str(mask)}, None, None)
         try:
-            async with self.session.get(BASE + "watch-ipn-bus", params={"mask": str(mask)},
-                                        timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
-                if resp.status != 200:
-                    raise LocalAPIError("GET", "watch-ipn-bus", resp.status, await resp.text())
-                buffer = b""
-                async for chunk in resp.content.iter_any():
-                    buffer += chunk
-                    while b"\n" in buffer:
-                        line, buffer = buffer.split(b"\n", 1)
-                        if line.strip():
-                            yield json.loads(line)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, FileNotFoundError,
-                ConnectionRefusedError) as exc:
+            if response.status != 200:
+                raise LocalAPIError("GET", "watch-ipn-bus", response.status,
+                                    (await response.read()).decode(errors="replace"))
+            buffer = b""
+            async for chunk in response:
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+        except (ConnectionError, OSError, httptools.HttpParserError) as exc:
             raise TailscaledUnreachable(f"tailscaled IPN bus at {self.socket_path}: {exc}") from exc
+        finally:
+            response.close()
 
 
 def daemon_credentials(socket_path: Path) -> tuple[int, int]:

@@ -53,5 +53,3 @@ def setup(service: str, level: str, access_log: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("tsnsrv.access").disabled = not access_log
-    # aiohttp logs every client disconnect mid-response at ERROR; ours say what happened.
-    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)

@@ -1,9 +1,13 @@
-"""The request path: checks, identity, header rewriting, and streaming to the upstream.
+"""The request path: checks, identity, header rewriting, and relaying to the upstream.
 
-One `Proxy.handle` call per request. Bodies stream both ways in the chunks they
-arrive in (never buffered whole, never spilled to disk); websocket upgrades are
-relayed message by message. Errors become short plain-text pages that name the
-service.
+`Proxy.handle` is called as each request head completes (http1.ServerConnection). What
+can be decided at once is decided at once (prefixes, rules, a cached identity, an idle
+upstream connection); only a whois lookup or a new upstream connection is waited for.
+Bodies then flow in the chunks they arrive in, both ways, between the client's and the
+upstream's transports, with each side's flow control holding the other back: nothing is
+buffered whole or spilled to disk. 1xx responses (103 Early Hints) and trailers pass
+through, and a websocket session is relayed as raw bytes after its 101. Errors become
+short plain-text pages that name the service.
 """
 
 from __future__ import annotations
@@ -12,60 +16,24 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-import aiohttp
-from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
-from multidict import CIMultiDict
-from yarl import URL
-
 from .access import AccessPolicy, Identity, PathPolicy, clean_path, has_control_characters
 from .config import ServiceConfig
-from .front import Peer
+from .http1 import Exchange, HeaderList, connection_tokens, head_bytes, header_value
 from .identity import IdentityUnavailable, WhoisCache, is_spoofable, serve_headers, tsnsrv_headers
 from .metrics import Metrics
+from .upstream import UpstreamConnection, UpstreamPool, UpstreamProtocolError, connector
+from .websocket import GOING_AWAY, FrameBoundaries, close_frame
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tsnsrv.access")
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-                        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
-WEBSOCKET_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-                                 "sec-websocket-protocol", "sec-websocket-accept"})
-# Whole websocket messages are held in memory by the relay; this bounds one message.
-WEBSOCKET_MAX_MESSAGE = 64 * 1024 * 1024
-READ_CHUNK = 256 * 1024
-
-
-class CoalescingResponse(web.StreamResponse):
-    """A response whose head goes out with its first body bytes (one write, one packet)
-    instead of on its own. Only for bodies of known length, which follow at once: a
-    streamed (chunked, SSE) response still sends its head immediately."""
-
-    _send_headers_immediately = False
-
-
-class UpstreamTimeout(Exception):
-    pass
-
-
-class FixedAddressResolver(AbstractResolver):
-    """Resolve every upstream host to one configured address (--upstream-tcp-addr)."""
-
-    def __init__(self, host: str, port: int):
-        self._host, self._port = host, port
-        self._resolver = aiohttp.ThreadedResolver()
-
-    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[ResolveResult]:
-        results = await self._resolver.resolve(self._host, self._port, family)
-        return [{**result, "hostname": host} for result in results]
-
-    async def close(self) -> None:
-        await self._resolver.close()
-
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+                        b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+# Set by the proxy on the way in, or framing it decides itself.
+REPLACED_INBOUND = frozenset({b"host", b"expect", b"content-length"})
 
 # TLS 1.2 suites with forward secrecy only, as Go's crypto/tls offers by default
 # (Python's default list also offers plain-RSA key exchange). TLS 1.3 suites all have it.
@@ -90,29 +58,13 @@ def origin_form(target: str) -> tuple[str, str | None] | None:
     what prefixes and rules must see, or `http://books/admin` would slip past them, and its
     authority replaces the Host header (RFC 9112 3.2.2)."""
     if "#" in target:
-        return None  # no fragment in a request target (RFC 9112 3.2); the URL builder would drop it unchecked
+        return None  # no fragment in a request target (RFC 9112 3.2); the upstream would drop it unchecked
     if target.startswith("/"):
         return target, None
     split = urlsplit(target)
     if split.scheme.lower() in ("http", "https") and split.netloc:
         return (split.path or "/") + (f"?{split.query}" if split.query else ""), split.netloc.rpartition("@")[2]
     return None
-
-
-def _timed(base: type, metrics: Metrics) -> type:
-    """`base` connector that observes new upstream connections' set-up time.
-
-    Instead of a TraceConfig: with any trace config, aiohttp builds Trace objects and
-    dispatches request start/headers/chunk/end signals on every request and body chunk."""
-
-    class TimedConnector(base):  # type: ignore[valid-type, misc]
-        async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            protocol = await super()._create_connection(*args, **kwargs)
-            metrics.upstream_connect.observe(time.perf_counter() - started)
-            return protocol
-
-    return TimedConnector
 
 
 def join_url_path(base: str, raw_path: str) -> str:
@@ -128,8 +80,13 @@ def join_url_path(base: str, raw_path: str) -> str:
     return base + raw_path
 
 
-def _text(status: int, message: str) -> web.Response:
-    return web.Response(status=status, text=message + "\n", content_type="text/plain")
+def _valid_target(path: str) -> bool:
+    """Whether `path` can go on a request line as it is (no spaces, controls or non-ASCII)."""
+    return path.isascii() and all(0x20 < ord(char) < 0x7F for char in path)
+
+
+class UpstreamTimeout(Exception):
+    pass
 
 
 class Proxy:
@@ -140,405 +97,541 @@ class Proxy:
         self.paths = PathPolicy.from_config(cfg.prefixes, cfg.deny_prefixes, cfg.strip_prefix)
         self.access = AccessPolicy.from_rules(cfg.access_rules)
         target = urlsplit(cfg.to_url)
-        self._scheme = target.scheme
-        self._netloc = target.netloc.rpartition("@")[2]  # credentials never go to the upstream
+        self.scheme = target.scheme
+        self.netloc = target.netloc.rpartition("@")[2]  # credentials never go to the upstream
         self._base_path = target.path
         self._base_query = target.query
-        self._upstream_host = target.hostname or ""
         self._send_identity = not cfg.suppress_whois
-        self._session: aiohttp.ClientSession | None = None
-        self._websockets: set[tuple[web.WebSocketResponse, aiohttp.ClientWebSocketResponse]] = set()
-        self.shutting_down = False
+        self._extra_headers = [(name.encode(), value.encode()) for name, value in cfg.upstream_headers.items()]
+        self._extra_lower = {name.lower() for name, _ in self._extra_headers}
+        self._pool: UpstreamPool | None = None
+        self.websockets: set[Relay] = set()
+        self.in_flight: set[Relay] = set()
 
     # --- lifecycle -------------------------------------------------------------
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = self._make_session()
-        return self._session
-
-    def _make_session(self) -> aiohttp.ClientSession:
-        cfg = self.cfg
-        connector_options: dict[str, Any] = {"limit": 0, "keepalive_timeout": 30}
-        if cfg.upstream_unix_addr is not None:
-            connector: aiohttp.BaseConnector = _timed(aiohttp.UnixConnector, self.metrics)(
-                path=str(cfg.upstream_unix_addr), **connector_options)
-        else:
+    def pool(self) -> UpstreamPool:
+        if self._pool is None:
+            cfg = self.cfg
+            url = urlsplit(cfg.to_url)
+            host, port = url.hostname or "", url.port or (443 if self.scheme == "https" else 80)
             if cfg.upstream_tcp_addr is not None:
-                host, _, port = cfg.upstream_tcp_addr.rpartition(":")
-                connector_options["resolver"] = FixedAddressResolver(host.strip("[]"), int(port))
-            if self._scheme == "https":
-                connector_options["ssl"] = upstream_ssl_context(cfg)
-            connector = _timed(aiohttp.TCPConnector, self.metrics)(**connector_options)
-        return aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # cookies belong to the clients, not to the proxy
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.upstream_connect_timeout or None),
-            read_bufsize=READ_CHUNK,
-            max_line_size=65536,
-            max_field_size=65536,
-        )
+                fixed_host, _, fixed_port = cfg.upstream_tcp_addr.rpartition(":")
+                host, port = fixed_host.strip("[]"), int(fixed_port)
+            connect = connector(unix_path=str(cfg.upstream_unix_addr) if cfg.upstream_unix_addr else None,
+                                host=host, port=port,
+                                ssl_context=upstream_ssl_context(cfg) if self.scheme == "https" else None,
+                                server_hostname=url.hostname)
+            self._pool = UpstreamPool(connect, cfg.upstream_connect_timeout, self.metrics)
+        return self._pool
 
     async def close_websockets(self) -> None:
-        """Say goodbye (1001 Going Away) on both legs of every relayed websocket."""
-        closes = []
-        for client_ws, upstream_ws in list(self._websockets):
-            closes.append(client_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutting down"))
-            closes.append(upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"proxy shutting down"))
-        await asyncio.gather(*closes, return_exceptions=True)
+        """Say goodbye (1001 Going Away) to both ends of every relayed websocket, between frames."""
+        for relay in list(self.websockets):
+            relay.going_away()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
+
+    async def probe(self) -> dict[str, Any]:
+        """Does the upstream answer a HEAD of its base path (on a connection of its own)?"""
+        started = time.perf_counter()
+        connection: UpstreamConnection | None = None
+        try:
+            async with asyncio.timeout(3):
+                connection = await self.pool.connect()
+                head: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+                connection.begin(_HeadWaiter(head), head_only=True)
+                connection.write(head_bytes(f"HEAD {self._base_path or '/'} HTTP/1.1".encode(),
+                                            [(b"Host", self.netloc.encode()), (b"Connection", b"close")]))
+                status = await head
+            return {"answers": True, "status": status, "latencyMs": round((time.perf_counter() - started) * 1000, 1)}
+        except Exception as exc:  # noqa: BLE001 - the probe reports any failure
+            return {"answers": False, "error": getattr(exc, "strerror", None) or str(exc) or type(exc).__name__}
+        finally:
+            if connection is not None:
+                connection.abort()
 
     # --- the request path --------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        peer: Peer = request.protocol.peer  # type: ignore[attr-defined]
-        started = time.perf_counter()
-        exchange = Exchange(request, peer)
+    def handle(self, exchange: Exchange) -> None:
+        relay = Relay(self, exchange)
         self.metrics.requests_in_flight.inc()
-        try:
-            response = await self._handle(exchange)
-            exchange.status = response.status
-            if type(response) is web.Response and response.body:  # a page of ours, sent whole
-                exchange.bytes_out = len(response.body)  # type: ignore[arg-type]
-                self.metrics.bytes_to_clients.inc(exchange.bytes_out)
-            return response
-        except asyncio.CancelledError:
-            exchange.status = 499  # the client went away
-            raise
-        finally:
-            self.metrics.requests_in_flight.dec()
-            duration = time.perf_counter() - started
-            self.metrics.observe_response(exchange.status, peer.provenance, duration)
-            if self.cfg.access_log:
-                exchange.log(duration)
+        self.in_flight.add(relay)
+        relay.start()
 
-    async def _handle(self, exchange: Exchange) -> web.StreamResponse:
-        request, peer = exchange.request, exchange.peer
+    def who(self, relay: Relay) -> str:
+        if relay.peer.is_funnel:
+            return "A public (Funnel) client"
+        return relay.identity.describe() if relay.identity else f"Client {relay.peer.address}"
+
+    def upstream_head(self, relay: Relay, path: str, query: str) -> bytes:
+        request, peer, cfg = relay.exchange.request, relay.peer, self.cfg
+        inbound = request.headers
+        dropped = connection_tokens(inbound)
+        headers: HeaderList = []
+        upgrade = relay.websocket
+        for name, value in inbound:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in dropped or lower in REPLACED_INBOUND or is_spoofable(name.decode()):
+                continue
+            headers.append((name, value))
+        inbound_host = relay.exchange.request.header(b"host") or b""
+        host = relay.authority.encode() if relay.authority else inbound_host
+        scheme = b"https" if peer.tls else b"http"
+        address = peer.address.encode()
+        headers.append((b"Host", host if cfg.recommended_proxy_headers else self.netloc.encode()))
+        headers += [(b"X-Forwarded-For", address), (b"X-Forwarded-Host", host), (b"X-Forwarded-Proto", scheme)]
+        if cfg.recommended_proxy_headers:
+            server, sep, port = host.rpartition(b":")
+            if not sep or not port.isdigit() or host.endswith(b"]"):
+                server, port = host, b""
+            headers += [(b"X-Scheme", scheme), (b"X-Real-Ip", address), (b"X-Forwarded-Server", server)]
+            if port:
+                headers.append((b"X-Forwarded-Port", port))
+        if self._send_identity:
+            identity = relay.identity
+            if identity is not None and "tsnsrv" in cfg.identity_headers:
+                headers += [(n.encode(), v.encode("utf-8")) for n, v in tsnsrv_headers(identity)]
+            if "serve" in cfg.identity_headers:
+                headers += [(n.encode(), v.encode("utf-8"))
+                            for n, v in serve_headers(identity, peer.is_funnel, cfg.app_capabilities)]
+        if self._extra_headers:  # configured headers win over the client's and ours
+            headers = [(n, v) for n, v in headers if n.lower() not in self._extra_lower] + self._extra_headers
+        if b"trailers" in (token.strip().lower() for token in (request.header(b"te") or b"").split(b",")):
+            headers.append((b"TE", b"trailers"))  # the one TE value that is end to end, as Go keeps it
+        if upgrade:
+            headers += [(b"Connection", b"Upgrade"), (b"Upgrade", request.header(b"upgrade") or b"websocket")]
+        body_length = request.header(b"content-length")
+        chunked = request.header(b"transfer-encoding") is not None
+        if chunked:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        elif body_length is not None:
+            headers.append((b"Content-Length", body_length))
+        relay.chunked_upload = chunked
+        target = path + (f"?{query}" if query else "")
+        return head_bytes(f"{request.method} {target} HTTP/1.1".encode("latin-1"), headers)
+
+
+class Relay:
+    """One request through the proxy: its checks, its upstream exchange, its bookkeeping
+    for the access log and metrics. It is the upstream connection's ResponseHandler."""
+
+    def __init__(self, proxy: Proxy, exchange: Exchange):
+        self.proxy = proxy
+        self.cfg = proxy.cfg
+        self.exchange = exchange
+        self.peer = exchange.peer
+        self.started = time.perf_counter()
+        self.identity: Identity | None = None
+        self.authority: str | None = None
+        self.note = ""
+        self.websocket = False
+        self.chunked_upload = False
+        self.upstream: UpstreamConnection | None = None
+        self._sent_at = 0.0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._pending_head: tuple[int, bytes, HeaderList, int] | None = None
+        self._done = False
+        self._frames_in: FrameBoundaries | None = None
+        self._frames_out: FrameBoundaries | None = None
+        self._going_away = False
+        self._said_goodbye = False
+        exchange.on_client_gone = self._client_gone
+        exchange.on_client_writable = self._client_writable
+
+    # --- deciding ----------------------------------------------------------------
+
+    def start(self) -> None:
+        request = self.exchange.request
         if request.method == "CONNECT":
-            return self._deny(exchange, 405, "method", "CONNECT is not proxied")
-        if request.method == "OPTIONS" and request.raw_path == "*":
-            return web.Response(status=200)  # about the server itself, as Go's net/http answers it
-        target = origin_form(request.raw_path)
+            return self.refuse(405, "method", "CONNECT is not proxied", "405 Method Not Allowed")
+        if request.method == "OPTIONS" and request.target == "*":
+            return self.answer(200, b"")  # about the server itself, as Go's net/http answers it
+        target = origin_form(request.target)
         if target is None:
-            return self._deny(exchange, 400, "target", f"request target {request.raw_path[:100]!r} is not a path",
-                              "400 Bad Request: the request target must be a path.")
-        path_and_query, exchange.authority = target
+            return self.refuse(400, "target", f"request target {request.target[:100]!r} is not a path",
+                               "400 Bad Request: the request target must be a path.")
+        path_and_query, self.authority = target
         raw_path, _, raw_query = path_and_query.partition("?")
         decoded = unquote(raw_path)
         if has_control_characters(decoded):
-            return self._deny(exchange, 400, "target", f"request path {raw_path[:100]!r} has control characters",
-                              "400 Bad Request: the request path has control characters.")
+            return self.refuse(400, "target", f"request path {raw_path[:100]!r} has control characters",
+                               "400 Bad Request: the request path has control characters.")
         clean = clean_path(decoded)
         if clean != decoded:
             # 308, not 301: a POST must stay a POST.
+            self.note = "redirected to clean path"
             location = quote(clean) + ("?" + raw_query if raw_query else "")
-            exchange.note = "redirected to clean path"
-            return web.Response(status=308, headers={"Location": location})
-        path_decision = self.paths.decide(raw_path, peer.provenance)
-        if not path_decision.allowed:
-            return self._deny(exchange, 404, "prefix", path_decision.reason)
+            return self.answer(308, b"", [(b"Location", location.encode("latin-1"))])
+        decision = self.proxy.paths.decide(raw_path, self.peer.provenance)
+        if not decision.allowed:
+            return self.refuse(404, "prefix", decision.reason, "404 Not Found")
+        self._raw_path, self._raw_query = raw_path, raw_query
+        self._upstream_path = join_url_path(self.proxy._base_path, decision.upstream_raw_path)
+        if not _valid_target(self._upstream_path):  # exactly the path that was checked, or nothing
+            return self.refuse(400, "target", f"request path {self._upstream_path[:100]!r} is not a valid path",
+                               "400 Bad Request: the request target is not a valid path.")
+        self.websocket = request.upgrade and (request.header(b"upgrade") or b"").lower() == b"websocket"
+        whois = self.proxy.whois
+        if whois is not None and not self.peer.is_funnel:
+            hit, identity = whois.cached(self.peer.address)
+            if not hit:
+                asyncio.ensure_future(self._look_up_then_continue(whois))
+                return
+            self.identity = identity
+        self._judge_and_send(identity_unavailable=False)
 
-        identity, identity_unavailable = None, False
-        if self.whois is not None and not peer.is_funnel:
-            try:
-                identity = await self.whois.lookup(peer.address)
-            except IdentityUnavailable:
-                identity_unavailable = True
-        exchange.identity = identity
-        access = self.access.decide(raw_path, peer.provenance, identity, identity_unavailable)
+    async def _look_up_then_continue(self, whois: WhoisCache) -> None:
+        unavailable = False
+        try:
+            self.identity = await whois.lookup(self.peer.address)
+        except IdentityUnavailable:
+            unavailable = True
+        if not self.exchange.client_gone:
+            self._judge_and_send(unavailable)
+
+    def _judge_and_send(self, identity_unavailable: bool) -> None:
+        access = self.proxy.access.decide(self._raw_path, self.peer.provenance, self.identity, identity_unavailable)
         if access.unavailable:
-            return self._deny(exchange, 503, "identity_unavailable", access.reason,
-                              f"503 Service Unavailable: {self.cfg.name} could not check who you are; try again.")
+            return self.refuse(503, "identity_unavailable", access.reason,
+                               f"503 Service Unavailable: {self.cfg.name} could not check who you are; try again.")
         if not access.allowed:
-            return self._deny(exchange, 403, "access_rule", access.reason,
-                              f"403 Forbidden: {self._who(exchange)} may not use {self.cfg.name} here.")
-
-        headers = self._upstream_headers(exchange, identity)
-        path = join_url_path(self._base_path, path_decision.upstream_raw_path)
-        query = "&".join(part for part in (self._base_query, raw_query) if part)
-        url = URL(f"{self._scheme}://{self._netloc}{path}" + (f"?{query}" if query else ""), encoded=True)
-        if url.raw_path != path:  # the upstream must be asked for exactly the path that was checked
-            return self._deny(exchange, 400, "target", f"request path {path[:100]!r} does not survive as a URL",
-                              "400 Bad Request: the request target is not a valid path.")
-        if _is_websocket_upgrade(request):
-            return await self._relay_websocket(exchange, url, headers)
-        return await self._proxy_http(exchange, url, headers)
-
-    def _who(self, exchange: Exchange) -> str:
-        if exchange.peer.is_funnel:
-            return "A public (Funnel) client"
-        return exchange.identity.describe() if exchange.identity else f"Client {exchange.peer.address}"
-
-    def _deny(self, exchange: Exchange, status: int, reason: str, why: str, page: str | None = None) -> web.Response:
-        exchange.note = why
-        self.metrics.denied.labels(reason).inc()
-        log.info("denied %s %s from %s: %s", exchange.request.method, exchange.request.path, self._who(exchange), why)
-        if page is None:
-            page = f"{status} {'Not Found' if status == 404 else 'Method Not Allowed'}"
-        return _text(status, page)
-
-    def _upstream_headers(self, exchange: Exchange, identity: Identity | None) -> CIMultiDict[str]:
-        request, peer, cfg = exchange.request, exchange.peer, self.cfg
-        inbound = request.headers
-        dropped = {token.strip().lower() for token in inbound.get("Connection", "").split(",")}
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in inbound.items():
-            lower = name.lower()
-            if lower in HOP_BY_HOP or lower in dropped or lower == "expect" or is_spoofable(name):
-                continue
-            headers.add(name, value)
-        host = exchange.authority or inbound.get("Host", "")
-        scheme = "https" if peer.tls else "http"
-        headers["X-Forwarded-For"] = peer.address
-        headers["X-Forwarded-Host"] = host
-        headers["X-Forwarded-Proto"] = scheme
-        if cfg.recommended_proxy_headers:
-            headers["X-Scheme"] = scheme
-            headers["X-Real-Ip"] = peer.address
-            server, _, port = host.rpartition(":") if host.rpartition(":")[2].isdigit() else (host, "", "")
-            headers["X-Forwarded-Server"] = server
-            if port:
-                headers["X-Forwarded-Port"] = port
-            if exchange.authority:
-                headers["Host"] = exchange.authority
+            return self.refuse(403, "access_rule", access.reason,
+                               f"403 Forbidden: {self.proxy.who(self)} may not use {self.cfg.name} here.")
+        query = "&".join(part for part in (self.proxy._base_query, self._raw_query) if part)
+        self._head = self.proxy.upstream_head(self, self._upstream_path, query)
+        connection = self.proxy.pool.take_idle()
+        if connection is not None:
+            self._send(connection)
         else:
-            headers["Host"] = self._netloc
-        if self._send_identity:
-            if identity is not None and "tsnsrv" in cfg.identity_headers:
-                headers.extend(tsnsrv_headers(identity))
-            if "serve" in cfg.identity_headers:
-                headers.extend(serve_headers(identity, peer.is_funnel, cfg.app_capabilities))
-        for name, value in cfg.upstream_headers.items():
-            headers[name] = value
-        return headers
+            asyncio.ensure_future(self._connect_then_send())
 
-    async def _proxy_http(self, exchange: Exchange, url: URL, headers: CIMultiDict[str]) -> web.StreamResponse:
-        request = exchange.request
-        body = None
-        if request.body_exists:
-            if request.headers.get("Expect", "").lower() == "100-continue":
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = exchange.stream_request_body(self.metrics)
-        sent = time.perf_counter()
+    async def _connect_then_send(self) -> None:
         try:
-            upstream = await self._send(request.method, url, headers, body, exchange)
-        except Exception as exc:  # noqa: BLE001 - every failure maps to a 502/504 page below
-            return self._upstream_failed(exchange, exc)
-        self.metrics.upstream_response.observe(time.perf_counter() - sent)
-        try:
-            return await self._stream_response(exchange, upstream)
-        finally:
-            upstream.release()
+            connection = await self.proxy.pool.connect()
+        except Exception as exc:  # noqa: BLE001 - every failure maps to a 502/504 page
+            return self._upstream_failed(exc)
+        if self.exchange.client_gone:
+            self.proxy.pool.release(connection)
+            return self._finish()
+        self._send(connection)
 
-    async def _send(self, method: str, url: URL, headers: CIMultiDict[str], body: AsyncIterator[bytes] | None,
-                    exchange: Exchange) -> aiohttp.ClientResponse:
-        """Send the request; the response-header timeout runs from when the body is fully sent."""
+    # --- relaying ----------------------------------------------------------------
+
+    def _send(self, connection: UpstreamConnection) -> None:
+        self.upstream = connection
+        request = self.exchange.request
+        connection.begin(self, head_only=request.method == "HEAD")
+        connection.write(self._head)
+        self._sent_at = time.perf_counter()
+        if (request.header(b"expect") or b"").lower() == b"100-continue":
+            self.exchange.informational(100, b"Continue", [])
+        self.exchange.read_body(self._upload_chunk, self._upload_end)
+        self._touch()
+
+    def _upload_chunk(self, chunk: bytes) -> None:
+        upstream = self.upstream
+        if upstream is None:
+            return
+        self.proxy.metrics.bytes_from_clients.inc(len(chunk))
+        if self.chunked_upload:
+            upstream.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
+        else:
+            upstream.write(chunk)
+        if upstream.writing_paused:
+            self.exchange.connection.pause_reading()
+        self._touch()
+
+    def _upload_end(self, trailers: HeaderList) -> None:
+        if self.upstream is not None and self.chunked_upload:
+            self.upstream.write(b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n")
         timeout = self.cfg.upstream_response_header_timeout
-        if body is None or not timeout:  # no extra task, no wait_for: one timer at most
-            request = self.session.request(method, url, headers=headers, data=body, allow_redirects=False,
-                                           compress=None)
-            if not timeout:
-                return await request
-            try:
-                async with asyncio.timeout(timeout) as deadline:
-                    return await request
-            except TimeoutError:
-                if deadline.expired():
-                    raise UpstreamTimeout(f"no response within {timeout:g}s") from None
-                raise
-        sending = asyncio.ensure_future(self.session.request(method, url, headers=headers, data=body,
-                                                             allow_redirects=False, compress=None))
-        if body is not None:
-            body_sent = asyncio.ensure_future(exchange.body_sent.wait())
-            try:
-                await asyncio.wait({sending, body_sent}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                body_sent.cancel()
-        try:
-            return await asyncio.wait_for(sending, timeout)
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout(f"no response within {timeout:g}s") from None
+        if timeout and self._pending_head is None and not self.exchange.response_started and not self._done:
+            self._head_timer = asyncio.get_running_loop().call_later(timeout, self._head_timed_out, timeout)
 
-    async def _stream_response(self, exchange: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        request = exchange.request
-        known_length = upstream.content_length is not None or upstream.status in (204, 304)
-        response_class = CoalescingResponse if known_length or request.method == "HEAD" else web.StreamResponse
-        response = response_class(status=upstream.status, reason=upstream.reason)
-        dropped = {token.strip().lower() for token in upstream.headers.get("Connection", "").split(",")}
-        for name, value in upstream.headers.items():
-            lower = name.lower()
-            if lower in HOP_BY_HOP or lower in dropped or lower == "content-length":
-                continue
-            response.headers.add(name, value)
-        if upstream.content_length is not None and request.method != "HEAD":
-            response.content_length = upstream.content_length
-        elif request.method == "HEAD" and "Content-Length" in upstream.headers:
-            response.headers["Content-Length"] = upstream.headers["Content-Length"]
-        await response.prepare(request)
-        if request.method == "HEAD" or upstream.status in (204, 304):
-            await response.write_eof()
-            return response
-        idle_timeout = self.cfg.upstream_idle_timeout or None
-        try:
-            while True:
-                if idle_timeout is None:
-                    chunk = await upstream.content.readany()
-                else:
-                    chunk = await asyncio.wait_for(upstream.content.readany(), idle_timeout)
-                if not chunk:
-                    break
-                exchange.bytes_out += len(chunk)
-                await response.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-            # Headers are gone already: all we can do is cut the client off mid-body.
-            kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "reset"
-            self.metrics.upstream_failed(kind)
-            exchange.note = f"upstream failed mid-response: {exc or kind}"
-            log.warning("%s: upstream %s failed mid-response: %s", self.cfg.name, request.path, exc or kind)
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-        finally:
-            self.metrics.bytes_to_clients.inc(exchange.bytes_out)
-        await response.write_eof()
-        return response
+    def on_upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self.exchange.connection.resume_reading()
 
-    def _upstream_failed(self, exchange: Exchange, exc: BaseException) -> web.Response:
-        if isinstance(exc, (UpstreamTimeout, asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+    def _client_writable(self, writable: bool) -> None:
+        if self.upstream is not None:
+            if writable:
+                self.upstream.resume_reading()
+            else:
+                self.upstream.pause_reading()
+
+    def on_informational(self, status: int, reason: bytes, headers: HeaderList) -> None:
+        if status != 100:  # ours went out already, if the client asked for one
+            self.exchange.informational(status, reason, self._response_headers(headers))
+
+    def on_head(self, status: int, reason: bytes, headers: HeaderList) -> None:
+        self._cancel_head_timer()
+        self.proxy.metrics.upstream_response.observe(time.perf_counter() - self._sent_at)
+        out = self._response_headers(headers)
+        if status == 101:
+            return self._start_websocket(reason, headers)
+        no_body = self.exchange.request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        length_header = header_value(headers, b"content-length")
+        if self.exchange.request.method == "HEAD":
+            if length_header is not None:
+                out.append((b"Content-Length", length_header))
+            self.exchange.start_response(status, out, reason=reason, no_body=True)
+            return
+        length = int(length_header) if length_header is not None and length_header.isdigit() else None
+        if length and not no_body:
+            self._pending_head = (status, reason, out, length)  # out with the first body bytes, in one write
+            return
+        self.exchange.start_response(status, out, reason=reason, length=0 if length == 0 else None, no_body=no_body)
+
+    def on_body(self, chunk: bytes) -> None:
+        pending = self._pending_head
+        if pending is not None:
+            self._pending_head = None
+            status, reason, out, length = pending
+            self.exchange.start_response(status, out, reason=reason, length=length, first=chunk)
+        else:
+            self.exchange.write(chunk)
+        self.proxy.metrics.bytes_to_clients.inc(len(chunk))
+        if self.exchange.connection.writing_paused and self.upstream is not None:
+            self.upstream.pause_reading()
+        self._touch()
+
+    def on_end(self, trailers: HeaderList) -> None:
+        if self.websocket and self.exchange.status == 101:
+            self._finish_websocket()
+            return
+        if self._pending_head is not None:  # a length was announced but no body came
+            status, reason, out, length = self._pending_head
+            self._pending_head = None
+            self.exchange.start_response(status, out, reason=reason, length=length)
+        if not self.exchange.response_started:
+            return self._upstream_failed(UpstreamProtocolError("no response"))
+        self.exchange.finish(trailers or None)
+        if self.upstream is not None:
+            self.proxy.pool.release(self.upstream)
+            self.upstream = None
+        self._finish()
+
+    def on_error(self, exc: BaseException) -> None:
+        self.upstream = None
+        if self.websocket and self.exchange.status == 101:
+            self._finish_websocket()
+            return
+        self._upstream_failed(exc)
+
+    def _response_headers(self, headers: HeaderList) -> HeaderList:
+        dropped = connection_tokens(headers)
+        return [(name, value) for name, value in headers
+                if (lower := name.lower()) not in HOP_BY_HOP and lower not in dropped and lower != b"content-length"]
+
+    # --- websockets --------------------------------------------------------------
+
+    def _start_websocket(self, reason: bytes, headers: HeaderList) -> None:
+        out = [(name, value) for name, value in headers if name.lower() not in (b"content-length",)]
+        self.exchange.start_response(101, out, reason=reason, no_body=True)
+        self._frames_in, self._frames_out = FrameBoundaries(), FrameBoundaries()
+        self.proxy.websockets.add(self)
+        self.proxy.metrics.websockets.inc()
+        self.proxy.metrics.websockets_open.inc()
+        self.exchange.upgraded(self._from_client)
+
+    def on_upgraded(self, early: bytes) -> None:
+        if early:
+            self.on_raw(early)
+
+    def _from_client(self, data: bytes) -> None:
+        if self._frames_in is not None:
+            self._frames_in.feed(data)
+        if self._said_goodbye:
+            if self._frames_in is not None and self._frames_in.closed:
+                self._finish_websocket()  # the client answered our close: the session is over
+            return
+        self.exchange.bytes_in += len(data)
+        self.proxy.metrics.bytes_from_clients.inc(len(data))
+        if self.upstream is not None:
+            self.upstream.write(data)
+            if self.upstream.writing_paused:
+                self.exchange.connection.pause_reading()
+        self._touch()
+        self._maybe_say_goodbye()
+
+    def on_raw(self, data: bytes) -> None:
+        if self._frames_out is not None:
+            self._frames_out.feed(data)
+        if self._said_goodbye:
+            return  # the client has our close already: the upstream's answer to its own is not for it
+        self.exchange.bytes_out += len(data)
+        self.proxy.metrics.bytes_to_clients.inc(len(data))
+        self.exchange.connection.write(data)
+        if self.exchange.connection.writing_paused and self.upstream is not None:
+            self.upstream.pause_reading()
+        self._touch()
+        self._maybe_say_goodbye()
+
+    def going_away(self) -> None:
+        self._going_away = True
+        self._maybe_say_goodbye()
+
+    def _maybe_say_goodbye(self) -> None:
+        frames_in, frames_out = self._frames_in, self._frames_out
+        if not self._going_away or frames_in is None or frames_out is None:
+            return
+        if not (frames_in.at_boundary and frames_out.at_boundary):
+            return  # between frames only; the next byte that ends one brings us back here
+        self._going_away, self._said_goodbye = False, True
+        if not frames_out.closed:
+            self.exchange.connection.write(close_frame(GOING_AWAY, b"server shutting down", masked=False))
+        if not frames_in.closed and self.upstream is not None:
+            self.upstream.write(close_frame(GOING_AWAY, b"proxy shutting down", masked=True))
+
+    def _finish_websocket(self) -> None:
+        if self in self.proxy.websockets:
+            self.proxy.websockets.discard(self)
+            self.proxy.metrics.websockets_open.dec()
+        self.exchange.response_done = True
+        self.exchange.connection.close()
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self._finish()
+
+    # --- ends ----------------------------------------------------------------------
+
+    def _client_gone(self) -> None:
+        if self.upstream is not None:
+            self.upstream.abort()  # nobody waits for the rest: free the upstream too
+            self.upstream = None
+        if self.exchange.status != 101:
+            self.exchange.status = 499
+        if self.websocket and self in self.proxy.websockets:
+            self._finish_websocket()
+            return
+        self._finish()
+
+    def answer(self, status: int, body: bytes, headers: HeaderList | None = None) -> None:
+        self.exchange.respond(status, body, headers)
+        self.proxy.metrics.bytes_to_clients.inc(len(body))
+        self._finish()
+
+    def refuse(self, status: int, reason: str, why: str, page: str) -> None:
+        self.note = why
+        self.proxy.metrics.denied.labels(reason).inc()
+        log.info("denied %s %s from %s: %s", self.exchange.request.method, self.exchange.request.target[:200],
+                 self.proxy.who(self), why)
+        self.answer(status, (page + "\n").encode())
+
+    def _upstream_failed(self, exc: BaseException) -> None:
+        self._cancel_head_timer()
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        if isinstance(exc, (UpstreamTimeout, TimeoutError)):
             status, kind, what = 504, "timeout", f"timed out ({exc or 'connect timeout'})"
-        elif isinstance(exc, aiohttp.ClientConnectorError):
-            status, kind, what = 502, "connect", f"could not be reached ({exc.os_error.strerror or exc})"
-        elif isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)):
+        elif isinstance(exc, UpstreamProtocolError):
+            status, kind, what = 502, "protocol", f"sent no valid response ({exc})"
+        elif isinstance(exc, (ConnectionRefusedError, FileNotFoundError, OSError)) and not self._sent_at:
+            status, kind, what = 502, "connect", f"could not be reached ({getattr(exc, 'strerror', None) or exc})"
+        elif isinstance(exc, (ConnectionError, OSError)):
             status, kind, what = 502, "reset", f"dropped the connection ({exc})"
         else:
             status, kind, what = 502, "protocol", f"sent no valid response ({type(exc).__name__}: {exc})"
-        self.metrics.upstream_failed(kind)
-        exchange.note = f"upstream {kind}: {exc}"
-        log.warning("%s: upstream %s for %s %s: %s", self.cfg.name, kind, exchange.request.method,
-                    exchange.request.path, exc)
+        self.proxy.metrics.upstream_failed(kind)
+        self.note = f"upstream {kind}: {exc}"
+        request = self.exchange.request
+        if self.exchange.response_started:
+            # Headers are gone already: all we can do is cut the client off mid-body.
+            log.warning("%s: upstream %s failed mid-response: %s", self.cfg.name, request.target[:200], exc or kind)
+            self.note = f"upstream failed mid-response: {exc or kind}"
+            self.exchange.abort()
+            self._finish()
+            return
+        if self.exchange.client_gone:
+            self._finish()
+            return
+        log.warning("%s: upstream %s for %s %s: %s", self.cfg.name, kind, request.method, request.target[:200], exc)
         reason = "Gateway Timeout" if status == 504 else "Bad Gateway"
-        return _text(status, f"{status} {reason}: the upstream of {self.cfg.name} {what}.")
+        self.answer(status, f"{status} {reason}: the upstream of {self.cfg.name} {what}.\n".encode())
 
-    async def _relay_websocket(self, exchange: Exchange, url: URL, headers: CIMultiDict[str]) -> web.StreamResponse:
-        request = exchange.request
-        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-        for name in list(headers):
-            if name.lower() in WEBSOCKET_HANDSHAKE:
-                del headers[name]
-        ws_url = url.with_scheme("wss" if self._scheme == "https" else "ws")
-        try:
-            upstream_ws = await self.session.ws_connect(ws_url, headers=headers, protocols=offered, autoping=False,
-                                                        autoclose=False, compress=0,
-                                                        max_msg_size=WEBSOCKET_MAX_MESSAGE)
-        except aiohttp.WSServerHandshakeError as exc:
-            exchange.note = f"upstream refused the websocket handshake: {exc.status}"
-            return _text(exc.status if exc.status >= 400 else 502,
-                         f"{exc.status} websocket handshake refused by the upstream of {self.cfg.name}.")
-        except Exception as exc:  # noqa: BLE001
-            return self._upstream_failed(exchange, exc)
-        client_ws = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
-                                          autoping=False, autoclose=False, compress=False,
-                                          max_msg_size=WEBSOCKET_MAX_MESSAGE)
-        pair = (client_ws, upstream_ws)
-        self._websockets.add(pair)
-        self.metrics.websockets.inc()
-        self.metrics.websockets_open.inc()
-        try:
-            await client_ws.prepare(request)
-            await asyncio.gather(self._pump(client_ws, upstream_ws, exchange, inbound=True),
-                                 self._pump(upstream_ws, client_ws, exchange, inbound=False))
-        finally:
-            self._websockets.discard(pair)
-            self.metrics.websockets_open.dec()
-            await upstream_ws.close()
-            await client_ws.close()
-        return client_ws
+    def _head_timed_out(self, timeout: float) -> None:
+        self._head_timer = None
+        self._upstream_failed(UpstreamTimeout(f"no response within {timeout:g}s"))
 
-    async def _pump(self, source: Any, sink: Any, exchange: Exchange, inbound: bool) -> None:
-        """Forward messages one way until either side closes; closing is mirrored with its code."""
-        counter = self.metrics.bytes_from_clients if inbound else self.metrics.bytes_to_clients
-        while True:
-            message = await source.receive()
-            kind = message.type
-            if kind in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                size = len(message.data)
-                counter.inc(size)
-                if inbound:
-                    exchange.bytes_in += size
-                else:
-                    exchange.bytes_out += size
-            try:
-                if kind == aiohttp.WSMsgType.TEXT:
-                    await sink.send_str(message.data)
-                elif kind == aiohttp.WSMsgType.BINARY:
-                    await sink.send_bytes(message.data)
-                elif kind == aiohttp.WSMsgType.PING:
-                    await sink.ping(message.data)
-                elif kind == aiohttp.WSMsgType.PONG:
-                    await sink.pong(message.data)
-                else:  # CLOSE, CLOSING, CLOSED, ERROR
-                    code = source.close_code or aiohttp.WSCloseCode.OK
-                    extra = message.extra if kind == aiohttp.WSMsgType.CLOSE and message.extra else b""
-                    await sink.close(code=code, message=extra.encode() if isinstance(extra, str) else extra)
-                    if kind == aiohttp.WSMsgType.CLOSE:
-                        await source.close(code=code)
-                    return
-            except ConnectionError:
-                await source.close(code=aiohttp.WSCloseCode.GOING_AWAY)
-                return
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
 
+    def _touch(self) -> None:
+        """Bytes moved: the idle timeout starts again."""
+        idle = self.cfg.upstream_idle_timeout
+        if not idle or self._done:
+            return
+        loop = asyncio.get_running_loop()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = loop.call_later(idle, self._idle_timed_out, idle)
 
-def _is_websocket_upgrade(request: web.BaseRequest) -> bool:
-    return (request.headers.get("Upgrade", "").lower() == "websocket"
-            and "upgrade" in request.headers.get("Connection", "").lower())
+    def _idle_timed_out(self, idle: float) -> None:
+        self._idle_timer = None
+        if self.websocket and self.exchange.status == 101:
+            self.note = f"websocket idle for {idle:g}s"
+            self._finish_websocket()
+        else:
+            self._upstream_failed(UpstreamTimeout(f"no bytes either way for {idle:g}s"))
 
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._cancel_head_timer()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        proxy = self.proxy
+        proxy.in_flight.discard(self)
+        proxy.metrics.requests_in_flight.dec()
+        status = self.exchange.status or 499
+        duration = time.perf_counter() - self.started
+        proxy.metrics.observe_response(status, self.peer.provenance, duration)
+        if self.cfg.access_log:
+            self._log(status, duration)
 
-class Exchange:
-    """Bookkeeping for one request, for the access log and metrics."""
-
-    __slots__ = ("request", "peer", "identity", "authority", "status", "bytes_in", "bytes_out", "note", "body_sent")
-
-    def __init__(self, request: web.BaseRequest, peer: Peer):
-        self.request = request
-        self.peer = peer
-        self.identity: Identity | None = None
-        self.authority: str | None = None  # of an absolute-form request target
-        self.status = 500
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.note = ""
-        self.body_sent = asyncio.Event()
-
-    async def stream_request_body(self, metrics: Metrics) -> AsyncIterator[bytes]:
-        content = self.request.content
-        try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    break
-                self.bytes_in += len(chunk)
-                yield chunk
-        finally:
-            metrics.bytes_from_clients.inc(self.bytes_in)
-            self.body_sent.set()
-
-    def log(self, duration: float) -> None:
-        request, identity, peer = self.request, self.identity, self.peer
+    def _log(self, status: int, duration: float) -> None:
+        identity, peer, exchange = self.identity, self.peer, self.exchange
         client = "funnel" if peer.is_funnel else (identity.user if identity and identity.user else "-")
-        node = identity.node_name if identity else "-"
-        fields = [
-            ("method", request.method), ("path", request.raw_path), ("status", self.status),
-            ("bytes_in", self.bytes_in), ("bytes_out", self.bytes_out), ("duration_ms", f"{duration * 1000:.1f}"),
-            ("client", client), ("node", node), ("source", peer.provenance), ("remote", peer.address),
+        fields: list[tuple[str, Any]] = [
+            ("method", exchange.request.method), ("path", exchange.request.target), ("status", status),
+            ("bytes_in", exchange.bytes_in), ("bytes_out", exchange.bytes_out),
+            ("duration_ms", f"{duration * 1000:.1f}"), ("client", client),
+            ("node", identity.node_name if identity else "-"), ("source", peer.provenance), ("remote", peer.address),
         ]
         if identity is not None and identity.node_tags:
             fields.append(("tags", ",".join(identity.node_tags)))
         if self.note:
             fields.append(("note", self.note))
         access_log.info("request", extra={"fields": fields})
+
+
+class _HeadWaiter:
+    """A ResponseHandler that only wants the status of the response head."""
+
+    def __init__(self, head: asyncio.Future[int]):
+        self._head = head
+
+    def on_head(self, status: int, reason: bytes, headers: HeaderList) -> None:
+        if not self._head.done():
+            self._head.set_result(status)
+
+    def on_error(self, exc: BaseException) -> None:
+        if not self._head.done():
+            self._head.set_exception(exc)
+
+    def on_informational(self, status: int, reason: bytes, headers: HeaderList) -> None: ...
+    def on_body(self, chunk: bytes) -> None: ...
+    def on_end(self, trailers: HeaderList) -> None: ...
+    def on_upgraded(self, early: bytes) -> None: ...
+    def on_raw(self, data: bytes) -> None: ...
+    def on_upstream_writable(self, writable: bool) -> None: ...

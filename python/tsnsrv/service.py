@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from . import logs, paths
 from .cli import print_problems
 from .auth import AuthKeyError, OAuthUnavailable, find_credential
@@ -415,14 +413,7 @@ class Service:
         self.metrics.certificate_expiry.set(loaded.not_after.timestamp())
 
     async def _probe_upstream(self) -> dict[str, Any]:
-        started = time.perf_counter()
-        try:
-            async with self.proxy.session.head(self.cfg.to_url, allow_redirects=False,
-                                               timeout=aiohttp.ClientTimeout(total=3)) as resp:
-                return {"answers": True, "status": resp.status,
-                        "latencyMs": round((time.perf_counter() - started) * 1000, 1)}
-        except Exception as exc:  # noqa: BLE001 - the probe reports any failure
-            return {"answers": False, "error": str(exc) or type(exc).__name__}
+        return await self.proxy.probe()
 
     async def _hold_start_open_for_login(self) -> None:
         """A node waiting for someone to open its login URL is not a failed start:
@@ -474,8 +465,7 @@ class Service:
             await listener.stop_accepting()
         self.health.accepting = False
         await self.proxy.close_websockets()
-        await asyncio.gather(*(listener.web_server.shutdown(self.cfg.shutdown_timeout)
-                               for listener in self.forwards.values()))
+        await asyncio.gather(*(listener.shutdown(self.cfg.shutdown_timeout) for listener in self.forwards.values()))
         if self.daemon is not None:  # an attached tailscaled keeps running and delivers anyway
             await self._let_tailscaled_deliver()
         for task in self._tasks:

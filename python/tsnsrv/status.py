@@ -15,20 +15,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+import httptools
 
+from . import http1
 from .paths import control_sockets_on_this_machine
 
 COLUMNS = ("SERVICE", "STATE", "TAILNET ADDRESS", "URL", "CERT EXPIRES", "UPSTREAM", "UPSTREAM OK")
 
 
 async def fetch_health(socket_path: Path) -> dict[str, Any]:
-    connector = aiohttp.UnixConnector(path=str(socket_path))
     try:
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=8)) as session:
-            async with session.get("http://tsnsrv/health", params={"probe": "1"}) as resp:
-                return await resp.json(content_type=None)
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+        async with asyncio.timeout(8):
+            response = await http1.request(lambda: asyncio.open_unix_connection(str(socket_path)), "GET",
+                                           "/health?probe=1", "tsnsrv")
+            try:
+                return json.loads(await response.read())
+            finally:
+                response.close()
+    except (OSError, ConnectionError, TimeoutError, ValueError, httptools.HttpParserError) as exc:
         return {"name": socket_path.parent.name, "ready": False, "status": f"not answering: {exc}",
                 "unreachable": True}
 

@@ -12,6 +12,7 @@ import pytest
 
 from harness.go_tsnsrv import GoTsnsrv, build_go_tsnsrv
 from harness.rawhttp import RawAnswer, get_request, raw_exchanges
+from harness.scripted_upstream import ScriptedUpstream
 from harness.upstream import echo
 
 
@@ -79,3 +80,56 @@ def test_the_clean_path_redirect_keeps_the_method_like_the_go_tsnsrv(both, lapto
     assert ours.status == 308  # Go says 307; both tell the client to repeat the POST
     assert go.status == 307
     assert "location: /b" in ours.head.lower() and "location: /b" in go.head.lower()
+
+
+# --- HTTP details, against an upstream that scripts its bytes --------------------------
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    server = ScriptedUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def both_scripted(go_binary, module_tsnsrv, scripted, headscale, clients, tmp_path_factory):
+    ours = module_tsnsrv("wire-ours", scripted.url)
+    go = GoTsnsrv(go_binary, "wire-go", scripted.url, tmp_path_factory.mktemp("go-wire"), headscale,
+                  headscale.auth_key("alice")).start(clients)
+    yield ours, go
+    go.stop()
+
+
+def test_103_early_hints_reach_the_client_like_the_go_tsnsrv(both_scripted, laptop):
+    for answer in through_both(both_scripted, laptop, get_request("/early-hints", "books")):
+        assert answer.head.startswith("HTTP/1.1 103 Early Hints\r\n"), answer.head
+        assert "link: </style.css>; rel=preload" in answer.head.lower()
+        assert "HTTP/1.1 200 OK" in answer.body and answer.body.endswith("hints")
+
+
+def test_response_trailers_and_te_trailers_pass_through_like_the_go_tsnsrv(both_scripted, laptop, scripted):
+    before = len(scripted.heads)
+    for answer in through_both(both_scripted, laptop, get_request("/trailers", "books", headers="TE: trailers\r\n")):
+        assert answer.status == 200
+        assert answer.body.endswith("0\r\nX-Checksum: 42\r\n\r\n"), answer.body
+    heads = scripted.heads[before:]
+    assert len(heads) == 2 and all(b"\r\nTE: trailers\r\n" in head or b"\r\nTe: trailers\r\n" in head
+                                   for head in heads), heads
+
+
+@pytest.mark.parametrize("size", [900 << 10, 1100 << 10])
+def test_request_head_limits_match_the_go_tsnsrv(both_scripted, laptop, size):
+    request = get_request("/echo", "books", headers="X-Big: " + "b" * size + "\r\n")
+    ours, go = through_both(both_scripted, laptop, request)
+    expected = 200 if size < 1 << 20 else 431
+    assert ours.status == go.status == expected, (ours.head, go.head)
+
+
+def test_many_request_and_response_headers_pass_like_the_go_tsnsrv(both_scripted, laptop):
+    many = "".join(f"X-Client-{i}: {i}\r\n" for i in range(300))
+    for answer in through_both(both_scripted, laptop, get_request("/echo", "books", headers=many)):
+        assert answer.status == 200 and "X-Client-299: 299" in answer.body
+    for answer in through_both(both_scripted, laptop, get_request(f"/many-headers?n=300&size={100 << 10}", "books")):
+        assert answer.status == 200, answer.head[:200]
+        assert "x-header-300: value 300" in answer.head.lower() and len(answer.head) > 100 << 10

@@ -54,8 +54,8 @@ def stack(request, tmp_path_factory, module_tsnsrv):
     upstream.stop()
 
 
-def host_run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, timeout=120)
+def host_run(argv: list[str], input: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, timeout=120, input=input)
 
 
 def test_no_spelling_reaches_a_protected_area_through_tsnsrv(stack, laptop):

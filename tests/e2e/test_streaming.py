@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from harness.processes import wait_for
 from harness.upstream import pattern_sha256
 
 
@@ -89,6 +90,7 @@ async def main(url, idle):
     results = {}
     async with websockets.connect(url, subprotocols=["chat"], ping_interval=None, max_size=None) as ws:
         results["subprotocol"] = ws.subprotocol
+        results["extensions"] = ws.response.headers.get("Sec-WebSocket-Extensions", "").split(";")[0]
         await ws.send("hello")
         results["text"] = await ws.recv()
         payload = bytes(range(256)) * 4096
@@ -121,6 +123,36 @@ def test_websocket_frames_and_close_codes_are_relayed(service, laptop):
     opened = service.metric("tsnsrv_websocket_sessions_total")
     results = run_websocket_client(laptop, service.ip, idle=2)
 
-    assert results == {"subprotocol": "chat", "text": "hello", "binary_ok": True, "pong": True,
-                       "after_idle": "still here", "close_code": 4001}
+    # permessage-deflate, negotiated by the client and the upstream: the frames pass through untouched.
+    assert results == {"subprotocol": "chat", "extensions": "permessage-deflate", "text": "hello", "binary_ok": True,
+                       "pong": True, "after_idle": "still here", "close_code": 4001}
     assert service.metric("tsnsrv_websocket_sessions_total") == opened + 1
+
+
+CLIENT_CLOSES = """
+import asyncio, sys, json
+import websockets
+
+async def main(url):
+    async with websockets.connect(url, ping_interval=None) as ws:
+        await ws.send("hi")
+        await ws.recv()
+        await ws.close(code=4002, reason="client leaving")
+    print(json.dumps({"code": ws.close_code, "reason": ws.close_reason}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_close_by_the_client_reaches_the_upstream_and_its_answer_the_client(service, laptop, upstream):
+    before = service.metric("tsnsrv_responses_total", 'status_class="1xx"')
+    result = laptop.run([sys.executable, "-c", CLIENT_CLOSES, f"ws://{service.ip}/ws"], timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+
+    assert json.loads(result.stdout) == {"code": 4002, "reason": "client leaving"}
+    assert upstream.websocket_closes[-1] == (4002, "client leaving")
+    # The session is logged and counted as what it was: a 101, with its length and bytes.
+    wait_for(lambda: service.metric("tsnsrv_responses_total", 'status_class="1xx"') == before + 1, 10,
+             "the session to be counted")
+    line = next(line for line in reversed(service.log().splitlines()) if "path=/ws " in line)
+    assert " status=101 " in line and " bytes_out=0 " not in line and " bytes_in=0 " not in line, line

@@ -12,9 +12,11 @@ import json
 import ssl
 
 import attrs
-from aiohttp import web
+from multidict import CIMultiDict
 
 from tsnsrv.front import FrontListener
+from tsnsrv.http1 import Exchange, Request
+from tsnsrv.proxy import Relay
 from tsnsrv.metrics import Metrics
 
 HOST = "books.tail1234.ts.net"
@@ -32,8 +34,10 @@ class StandInPeerCheck:
         return self.reason
 
 
-async def echo_peer(request: web.BaseRequest) -> web.Response:
-    return web.json_response({**attrs.asdict(request.protocol.peer), "path": request.raw_path})
+def echo_peer(exchange: Exchange) -> None:
+    """An application that answers with who the front listener says the client is."""
+    exchange.respond(200, json.dumps({**attrs.asdict(exchange.peer), "path": exchange.request.target}).encode(),
+                     content_type=b"application/json")
 
 
 @attrs.define
@@ -88,3 +92,79 @@ def body(response: bytes) -> dict:
     head, _, payload = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     return json.loads(payload)
+
+
+# --- the proxy without a front listener ---------------------------------------------
+
+
+class RecordingConnection:
+    """Stands in for an http1.ServerConnection: keeps what the application writes."""
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.written: list[bytes] = []
+        self.close_after_response = False
+        self.writing_paused = False
+        self.closed = False
+        self.finished: asyncio.Future | None = None  # set to wait for the exchange to finish
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def writelines(self, parts) -> None:
+        self.written.extend(parts)
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def exchange_finished(self, _exchange) -> None:
+        if self.finished is not None and not self.finished.done():
+            self.finished.set_result(None)
+
+
+@attrs.frozen
+class Recorded:
+    status: int
+    headers: CIMultiDict
+    text: str
+
+
+def parse_response(data: bytes) -> Recorded:
+    head, _, payload = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = CIMultiDict(line.split(": ", 1) for line in lines)
+    return Recorded(int(status_line.split(" ")[1]), headers, payload.decode(errors="replace"))
+
+
+async def recorded_exchange(app, method: str, target: str, headers: dict[str, str], peer) -> Recorded:
+    """What `app` answers to one request without a body, from the bytes it writes."""
+    connection = RecordingConnection(peer)
+    connection.finished = asyncio.get_running_loop().create_future()
+    request = Request(method, target, "1.1", [(n.encode(), v.encode()) for n, v in headers.items()], True, False)
+    exchange = Exchange(connection, request)  # type: ignore[arg-type]
+    exchange._body_end()
+    app(exchange)
+    await asyncio.wait_for(connection.finished, 5)
+    return parse_response(b"".join(connection.written))
+
+
+@attrs.frozen
+class UpstreamHead:
+    request_line: str
+    headers: CIMultiDict
+
+
+def upstream_head_of(proxy, inbound: dict[str, str], peer, identity, target: str = "/") -> UpstreamHead:
+    """The request head `proxy` would send upstream for a GET from `peer` known as `identity`."""
+    request = Request("GET", target, "1.1", [(n.encode(), v.encode()) for n, v in inbound.items()], True, False)
+    relay = Relay(proxy, Exchange(RecordingConnection(peer), request))  # type: ignore[arg-type]
+    relay.identity = identity
+    head = proxy.upstream_head(relay, target, "").decode("latin-1")
+    request_line, *lines = head.rstrip("\r\n").split("\r\n")
+    return UpstreamHead(request_line, CIMultiDict(line.split(": ", 1) for line in lines))

@@ -17,7 +17,8 @@ import attrs
 
 RAW_CLIENT = r"""
 import json, socket, sys
-host, port, requests = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+host, port = sys.argv[1], int(sys.argv[2])
+requests = json.loads(sys.stdin.read())  # not argv: a request may be larger than one argument can be
 answers = []
 for request in requests:
     data = b""
@@ -32,7 +33,7 @@ for request in requests:
 print(json.dumps(answers))
 """
 
-Runner = Callable[[list[str]], subprocess.CompletedProcess]
+Runner = Callable[..., subprocess.CompletedProcess]  # (argv, input=bytes)
 
 
 @attrs.frozen
@@ -48,7 +49,7 @@ class RawAnswer:
 
 
 def raw_exchanges(run: Runner, python: str, host: str, port: int, requests: Sequence[bytes]) -> list[RawAnswer]:
-    result = run([python, "-c", RAW_CLIENT, host, str(port), json.dumps([r.hex() for r in requests])])
+    result = run([python, "-c", RAW_CLIENT, host, str(port)], input=json.dumps([r.hex() for r in requests]).encode())
     if result.returncode != 0:
         raise AssertionError(f"raw client failed: {result.stderr!r}")
     answers = []

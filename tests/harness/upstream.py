@@ -9,7 +9,8 @@ optionally, a unix socket. Endpoints:
   /sse?n=&gap=     n server-sent events, `gap` seconds apart
   /slow?seconds=   answers after a delay
   /status/CODE     an empty response with that status
-  /ws              websocket echo; "close:CODE" closes with that code; pings are answered
+  /ws              websocket echo; "close:CODE" closes with that code; a client's close is
+                   answered with its code and reason; pings are answered
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Upstream:
         self.unix_socket = unix_socket
         self.ssl_context = ssl_context
         self.requests: list[dict[str, Any]] = []
+        self.websocket_closes: list[tuple[int, str]] = []  # (code, reason) of closes by clients
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -154,9 +156,10 @@ class Upstream:
 
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
         self._record(request)
-        ws = web.WebSocketResponse(protocols=("echo", "chat"))
+        ws = web.WebSocketResponse(protocols=("echo", "chat"), autoclose=False, compress=True)
         await ws.prepare(request)
-        async for message in ws:
+        while True:
+            message = await ws.receive()
             if message.type == web.WSMsgType.TEXT:
                 if message.data.startswith("close:"):
                     await ws.close(code=int(message.data.split(":")[1]), message=b"bye")
@@ -164,6 +167,13 @@ class Upstream:
                 await ws.send_str(message.data)
             elif message.type == web.WSMsgType.BINARY:
                 await ws.send_bytes(message.data)
+            elif message.type == web.WSMsgType.CLOSE:
+                # Closed by the client: answer with its own code and reason, as RFC 6455 suggests.
+                self.websocket_closes.append((message.data, message.extra))
+                await ws.close(code=message.data, message=(message.extra or "").encode())
+                break
+            else:
+                break
         return ws
 
 

@@ -22,6 +22,7 @@ let
       "aiohttp"
       "attrs"
       "cattrs"
+      "httptools"
       "prometheus-client"
       "setuptools"
       "pytestCheckHook"

@@ -92,7 +92,8 @@ def tier(bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ti
     image = guest_image()
     work = tmp_path_factory.mktemp("systemd-tier")
     block = os.getpid() % 250 + 1
-    namespace = NetworkNamespace(f"tsv{os.getpid()}", f"198.19.{block}.1", f"198.19.{block}.2").create()
+    # .4/30 of the block: the bench takes .0/30 of the same 198.19.x.0/24.
+    namespace = NetworkNamespace(f"tsv{os.getpid()}", f"198.19.{block}.5", f"198.19.{block}.6").create()
     stack: list = [namespace.destroy]
     try:
         headscale = start_headscale(bin_dir, namespace.host_ip, work / "headscale")

@@ -111,7 +111,6 @@ def test_setup_picks_journald_format_from_journal_stream(monkeypatch, restore_lo
     assert handler.formatter.journald is journald and handler.formatter.service == "books"
     assert root.level == logging.WARNING
     assert logging.getLogger("tsnsrv.access").disabled is True
-    assert logging.getLogger("aiohttp.server").level == logging.CRITICAL
 
 
 def test_setup_keeps_access_log_when_asked(monkeypatch, restore_logging):

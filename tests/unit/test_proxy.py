@@ -1,9 +1,10 @@
 """The request path's pure parts (tsnsrv.proxy, access.clean_path): path cleaning and the
-301 redirect, upstream URL joining, what tsnsrv refuses itself (404/403/405), and the
+308 redirect, upstream URL joining, what tsnsrv refuses itself (404/403/405), and the
 headers the upstream receives (spoofed ones stripped, ours set).
 
-Requests are aiohttp's own mocked requests; every case here is decided before any
-upstream connection is attempted (an unreachable unix socket makes sure of that).
+Requests go to the real Proxy through a recording stand-in for the client connection
+(harness/inprocess.py); every case here is decided before any upstream connection is
+attempted (an unreachable unix socket makes sure of that).
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ import ssl
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import make_mocked_request
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tsnsrv import proxy as proxy_module
+from harness.inprocess import recorded_exchange, upstream_head_of
 from tsnsrv.access import FUNNEL, TAILNET, Identity, clean_path
 from tsnsrv.config import load
 from tsnsrv.front import Peer
 from tsnsrv.identity import WhoisCache, is_spoofable
 from tsnsrv.metrics import Metrics
-from tsnsrv.proxy import Exchange, Proxy, join_url_path, upstream_ssl_context
+from tsnsrv.proxy import Proxy, join_url_path, upstream_ssl_context
 
 BOB_WHOIS = {"Node": {"ID": 20, "ComputedName": "bob-phone"},
              "UserProfile": {"ID": 2, "LoginName": "bob@example.com", "DisplayName": "Bob"}}
@@ -99,9 +99,9 @@ def make_proxy(tmp_path: Path, whois_answers: dict[str, dict] | None = None, **c
 
 
 async def handle(proxy: Proxy, target: str, peer: Peer = TAILNET_PEER, method: str = "GET", headers=None):
-    request = make_mocked_request(method, target, headers=headers or {"Host": "books.tail1234.ts.net"})
     try:
-        return await proxy._handle(Exchange(request, peer))
+        return await recorded_exchange(proxy.handle, method, target, headers or {"Host": "books.tail1234.ts.net"},
+                                       peer)
     finally:
         await proxy.close()
 
@@ -210,9 +210,7 @@ async def test_an_allowed_request_goes_upstream(tmp_path):
 
 def upstream_headers(tmp_path: Path, inbound: dict[str, str], peer: Peer = TAILNET_PEER,
                      identity: Identity | None = None, **config):
-    proxy = make_proxy(tmp_path, **config)
-    request = make_mocked_request("GET", "/", headers=inbound)
-    return proxy._upstream_headers(Exchange(request, peer), identity)
+    return upstream_head_of(make_proxy(tmp_path, **config), inbound, peer, identity).headers
 
 
 SPOOFED = {
@@ -275,7 +273,8 @@ def test_hop_by_hop_and_connection_listed_headers_are_dropped(tmp_path):
                                           "X-Private-Hop": "1", "TE": "trailers", "Proxy-Authorization": "Basic x",
                                           "Expect": "100-continue", "Upgrade": "h2c", "X-Kept": "yes"})
     assert set(headers) == {"Host", "X-Kept", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Scheme",
-                            "X-Real-Ip", "X-Forwarded-Server"}
+                            "X-Real-Ip", "X-Forwarded-Server", "TE"}
+    assert headers["TE"] == "trailers"  # the one TE value that is end to end
 
 
 @pytest.mark.parametrize(("host", "server", "port"), [
@@ -331,6 +330,5 @@ def test_upstream_tls_insecure_options():
 
 def test_proxy_never_sends_url_credentials_upstream(tmp_path):
     proxy = make_proxy(tmp_path, toURL="https://user:secret@nas.lan:8443/base?token=1")
-    assert proxy._netloc == "nas.lan:8443"
+    assert proxy.netloc == "nas.lan:8443"
     assert proxy._base_path == "/base" and proxy._base_query == "token=1"
-    assert proxy_module.READ_CHUNK == 256 * 1024
