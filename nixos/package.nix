@@ -31,7 +31,6 @@ python3Packages.buildPythonApplication {
     attrs
     cattrs
     httptools
-    prometheus-client
   ];
 
   # pyproject.toml pins exact releases for the development virtualenv; nixpkgs brings
@@ -41,6 +40,7 @@ python3Packages.buildPythonApplication {
   nativeCheckInputs = with python3Packages; [
     pytestCheckHook
     aiohttp
+    prometheus-client
     pytest-asyncio
     pytest-timeout
     hypothesis

@@ -9,14 +9,8 @@ issue #237).
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import os
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs
 
 import attrs
@@ -104,43 +98,10 @@ async def mint_auth_key(secret: OAuthSecret, tags: list[str], timeout: float = 3
     """Exchange an OAuth client secret for a single-use auth key carrying `tags`."""
     if not tags:
         raise AuthKeyError("an OAuth client secret needs tags to create a key with; set tags (--tag tag:NAME)")
-    # Once per login: the standard library's client (in a thread) is all this needs.
-    return await asyncio.to_thread(_mint_auth_key, secret, tags, timeout)
+    # Once per login, and only with an OAuth secret: its HTTP client is imported then.
+    from .oauth import mint_in_thread
 
-
-def _post(url: str, what: str, body: bytes, headers: dict[str, str], timeout: float) -> Any:
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise _http_failure(what, exc.code, exc.read().decode(errors="replace")) from None
-
-
-def _mint_auth_key(secret: OAuthSecret, tags: list[str], timeout: float) -> str:
-    token_url = f"{secret.base_url}/api/v2/oauth/token"
-    keys_url = f"{secret.base_url}/api/v2/tailnet/-/keys"
-    basic = base64.b64encode(f"tsnsrv:{secret.secret}".encode()).decode()
-    try:
-        token = _post(token_url, f"OAuth token request to {token_url}",
-                      urllib.parse.urlencode({"grant_type": "client_credentials"}).encode(),
-                      {"Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"},
-                      timeout)["access_token"]
-        capabilities = {"devices": {"create": {"reusable": False, "ephemeral": secret.ephemeral,
-                                               "preauthorized": secret.preauthorized, "tags": tags}}}
-        answer = _post(keys_url, f"creating an auth key at {keys_url}", json.dumps({"capabilities": capabilities}).encode(),
-                       {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, timeout)
-        return answer["key"]
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise OAuthUnavailable(f"OAuth exchange with {secret.base_url} failed: {exc!r}") from None
-    except (KeyError, ValueError, TypeError) as exc:
-        raise AuthKeyError(f"OAuth exchange with {secret.base_url} gave an unexpected answer: {exc!r}") from None
-
-
-def _http_failure(what: str, status: int, body: str) -> Exception:
-    """A refusal (4xx: wrong secret, tags it may not use) is the configuration's fault."""
-    message = f"{what} failed: HTTP {status}: {body[:200]}"
-    return OAuthUnavailable(message) if status >= 500 or status == 429 else AuthKeyError(message)
+    return await asyncio.to_thread(mint_in_thread, secret, tags, timeout)
 
 
 async def auth_key_for_login(cfg: ServiceConfig) -> str | None:

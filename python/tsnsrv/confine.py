@@ -33,7 +33,6 @@ child, hands the notification fd to tsnsrv and executes tailscaled.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -120,6 +119,10 @@ def build_filter() -> bytes:
 
 def _install_filter() -> int:
     """Install the filter on this process; returns the notification fd."""
+    # Imported where needed, not at the top: the service process rarely needs ctypes,
+    # and it costs memory in every one.
+    import ctypes
+
     _, seccomp_nr, *_ = _arch()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
@@ -161,6 +164,8 @@ def exec_confined(argv: list[str]) -> None:
     program = argv[1:]
     if notify_fd is None or not program:
         raise SystemExit("usage: python -m tsnsrv.confine [--user USER] --notify-fd N -- PROGRAM ARGS...")
+    import ctypes  # before dropping privileges: the account may not be able to read Python's library
+
     if user is not None:
         _drop_privileges(user)
     # After the uid change, which clears it: die with tsnsrv even before tailscaled reads its pipe.
@@ -202,6 +207,8 @@ def _socket_type(tid: int, fd: int) -> int | None:
     except (OSError, StopIteration, ValueError):
         return None
     try:
+        import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         copy = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
         if copy < 0:

@@ -161,6 +161,14 @@ class TailscaledPeerCheck:
         self._known_inodes = self._daemon_socket_inodes()
         if owner.inode in self._known_inodes:
             return None
+        # Not among tailscaled's sockets, or closed by it (its client hung up) while we
+        # looked: a socket still there with the same inode is somebody else's.
+        try:
+            still = tcp_socket_owner(sock.getpeername()[:2], sock.getsockname()[:2])
+        except (OSError, PeerLookupError):
+            return PEER_GONE
+        if still.inode != owner.inode:
+            return PEER_GONE
         return f"connecting socket (inode {owner.inode}) is not one of tailscaled's (pid {self.pid})"
 
     def _daemon_socket_inodes(self) -> set[int]:

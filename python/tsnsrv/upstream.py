@@ -17,7 +17,7 @@ from typing import Protocol
 
 import httptools
 
-from .http1 import HeaderList
+from .http1 import WRITE_BUFFER_HIGH, HeaderList
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self._raw:
