@@ -723,7 +723,7 @@ class Bench:
     def ten_services(self, round_index: int) -> None:
         """The blog post's setup: ten services of one kind on one host, started together."""
         count = self.profile["ten_count"]
-        for kind in [k for k in self.order(round_index) if k in ("go-tsnsrv", "tsnsrv")]:
+        for kind in [k for k in self.order(round_index) if k in ("go-tsnsrv", "tsnsrv", "variant")]:
             with step(f"round {round_index + 1}: {count} {kind} services at once"):
                 group = [KINDS[kind](self, f"ten{round_index}-{i}-{kind}") for i in range(count)]
                 started = time.monotonic()

@@ -373,6 +373,8 @@ class Relay:
         self.proxy.metrics.upstream_response.observe(time.perf_counter() - self._sent_at)
         out = self._response_headers(headers)
         if status == 101:
+            if not self.websocket:  # only a websocket upgrade is asked for, and relayed
+                return self._upstream_failed(UpstreamProtocolError("101 Switching Protocols unasked"))
             return self._start_websocket(reason, headers)
         no_body = self.exchange.request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         length_header = header_value(headers, b"content-length")
@@ -440,37 +442,45 @@ class Relay:
         self.exchange.upgraded(self._from_client)
 
     def on_upgraded(self, early: bytes) -> None:
-        if early:
+        if early and self._frames_out is not None:
             self.on_raw(early)
 
     def _from_client(self, data: bytes) -> None:
-        if self._frames_in is not None:
-            self._frames_in.feed(data)
+        frames = self._frames_in
+        assert frames is not None
+        frames.feed(data)
         if self._said_goodbye:
-            if self._frames_in is not None and self._frames_in.closed:
+            if frames.closed:
                 self._finish_websocket()  # the client answered our close: the session is over
             return
         self.exchange.bytes_in += len(data)
         self.proxy.metrics.bytes_from_clients.inc(len(data))
-        if self.upstream is not None:
-            self.upstream.write(data)
-            if self.upstream.writing_paused:
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(data)
+            if upstream.writing_paused:
                 self.exchange.connection.pause_reading()
-        self._touch()
-        self._maybe_say_goodbye()
+        if self.cfg.upstream_idle_timeout:
+            self._touch()
+        if self._going_away:
+            self._maybe_say_goodbye()
 
     def on_raw(self, data: bytes) -> None:
-        if self._frames_out is not None:
-            self._frames_out.feed(data)
+        frames = self._frames_out
+        assert frames is not None
+        frames.feed(data)
         if self._said_goodbye:
             return  # the client has our close already: the upstream's answer to its own is not for it
+        connection = self.exchange.connection
         self.exchange.bytes_out += len(data)
         self.proxy.metrics.bytes_to_clients.inc(len(data))
-        self.exchange.connection.write(data)
-        if self.exchange.connection.writing_paused and self.upstream is not None:
+        connection.write(data)
+        if connection.writing_paused and self.upstream is not None:
             self.upstream.pause_reading()
-        self._touch()
-        self._maybe_say_goodbye()
+        if self.cfg.upstream_idle_timeout:
+            self._touch()
+        if self._going_away:
+            self._maybe_say_goodbye()
 
     def going_away(self) -> None:
         self._going_away = True

@@ -133,3 +133,10 @@ def test_many_request_and_response_headers_pass_like_the_go_tsnsrv(both_scripted
     for answer in through_both(both_scripted, laptop, get_request(f"/many-headers?n=300&size={100 << 10}", "books")):
         assert answer.status == 200, answer.head[:200]
         assert "x-header-300: value 300" in answer.head.lower() and len(answer.head) > 100 << 10
+
+
+def test_a_switch_of_protocols_nobody_asked_for_is_a_502_like_the_go_tsnsrv(both_scripted, laptop):
+    # Relaying raw bytes after a 101 the client never asked for would hand the connection to
+    # whatever protocol the upstream picked.
+    for answer in through_both(both_scripted, laptop, get_request("/switch", "books")):
+        assert answer.status == 502, answer.head

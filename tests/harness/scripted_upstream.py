@@ -5,6 +5,7 @@ headers. It also answers with the request head it received, exactly as it arrive
     /early-hints        103 Early Hints (a Link header), then 200
     /trailers           200, chunked, with a trailer X-Checksum
     /many-headers?n=N&size=S   200 with N headers X-Header-1..N, the first of S bytes
+    /switch             101 Switching Protocols to h2c, whatever the request asked for
     anything else       200; the body is the raw request head
 
 It runs in a thread of the test process, on 127.0.0.1, one connection at a time each in
@@ -77,6 +78,8 @@ class ScriptedUpstream:
         if url.path == "/trailers":
             return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
                     b"5\r\nhello\r\n0\r\nX-Checksum: 42\r\n\r\n")
+        if url.path == "/switch":
+            return b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
         if url.path == "/many-headers":
             query = parse_qs(url.query)
             count, size = int(query.get("n", ["200"])[0]), int(query.get("size", ["7"])[0])
