@@ -240,6 +240,9 @@ class UpstreamPool:
             if not connection.closed:
                 connection.abort()
             return
+        # Its last response may have ended while a slow client held its reads paused; idle,
+        # it must be read again: for the next response, and to notice the upstream closing it.
+        connection.resume_reading()
         connection.idle_since_release()
         self._idle.append(connection)
 

@@ -177,6 +177,37 @@ async def exchange_with(answer: bytes, method: str = "GET", close: bool = True) 
 
 
 @pytest.mark.asyncio
+async def test_a_connection_released_while_its_reads_are_paused_answers_its_next_request():
+    # The proxy pauses an upstream's reads while the client is slow; the response may end
+    # in that state, and the connection goes back to the pool so.
+    async def serve(reader, writer):
+        for _ in range(2):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = UpstreamPool(connector(unix_path=None, host="127.0.0.1", port=server.sockets[0].getsockname()[1],
+                                  ssl_context=None, server_hostname=None), 5, Metrics())
+    try:
+        connection = await pool.connect()
+        first = Collected()
+        connection.begin(first, head_only=False)
+        connection.write(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(first.done, 5)
+        connection.pause_reading()
+        pool.release(connection)
+        assert pool.take_idle() is connection
+        second = Collected()
+        connection.begin(second, head_only=False)
+        connection.write(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(second.done, 5)
+        assert second.events == [("head", 200), ("body", b"ok"), ("end", [])]
+    finally:
+        pool.close()
+        server.close()
+
+
+@pytest.mark.asyncio
 async def test_early_hints_then_a_chunked_response_with_trailers():
     events, reusable = await exchange_with(
         b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
