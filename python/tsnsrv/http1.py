@@ -397,9 +397,11 @@ class ServerConnection(asyncio.Protocol):
             return
         if self._queue:
             self._begin(self._queue.pop(0))
-            self.resume_reading()
         else:
             self._arm_header_timer()
+        # Reads may have been paused for a pipelined request, or by back-pressure from the
+        # upstream that lasted to the end of the exchange: the next request must be read.
+        self.resume_reading()
 
     def _begin(self, exchange: Exchange) -> None:
         self.current = exchange

@@ -79,6 +79,30 @@ async def test_pipelined_requests_are_answered_in_order(server):
 
 
 @pytest.mark.asyncio
+async def test_a_request_that_ends_with_reads_paused_leaves_the_connection_reading_the_next():
+    # The relay pauses a client's reads while the upstream is slow to take the body; the
+    # exchange may end in that state, and the client's next request must still be read.
+    def backpressured_app(exchange: Exchange) -> None:
+        def done(_trailers: http1.HeaderList) -> None:
+            exchange.connection.pause_reading()
+            exchange.respond(200, exchange.request.target.encode())
+        exchange.read_body(lambda _chunk: None, done)
+
+    listening = await asyncio.get_running_loop().create_server(
+        lambda: ServerConnection(backpressured_app, header_timeout=2), "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", listening.sockets[0].getsockname()[1])
+    try:
+        writer.write(b"POST /1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        first = await asyncio.wait_for(reader.readuntil(b"/1"), 5)
+        writer.write(b"GET /2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        rest = await asyncio.wait_for(reader.read(), 5)
+        assert answers(first + rest) == [(200, b"/1"), (200, b"/2")]
+    finally:
+        writer.close()
+        listening.close()
+
+
+@pytest.mark.asyncio
 async def test_a_chunked_body_and_its_trailers_reach_the_application(server):
     raw = await talk(server, b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                              b"3\r\nabc\r\n2\r\nde\r\n0\r\nX-Sum: 5\r\n\r\n")
