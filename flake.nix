@@ -27,12 +27,19 @@
         tsnsrv = final.callPackage ./nixos/package.nix { };
       };
 
-      packages = forSystems allSystems (
-        _system: pkgs: rec {
-          tsnsrv = pkgs.callPackage ./nixos/package.nix { };
-          default = tsnsrv;
-        }
-      );
+      packages = lib.recursiveUpdate
+        (forSystems allSystems (
+          _system: pkgs: rec {
+            tsnsrv = pkgs.callPackage ./nixos/package.nix { };
+            default = tsnsrv;
+          }
+        ))
+        (forSystems linuxSystems (
+          system: pkgs: {
+            # The sidecar image of virtualisation.oci-sidecars.tsnsrv.
+            tsnsrvOciImage = pkgs.callPackage ./nixos/oci-image.nix { inherit (self.packages.${system}) tsnsrv; };
+          }
+        ));
 
       nixosModules = {
         tsnsrv = ./nixos/module.nix;

@@ -315,6 +315,8 @@ let
     lib.unique (builtins.filter (name: lib.count (n: n == name) names > 1) names);
 in
 {
+  imports = [ ./oci-sidecars.nix ];
+
   options.services.tsnsrv = {
     enable = mkEnableOption "tsnsrv, which puts local web services on a Tailscale tailnet, each as its own machine";
 

@@ -136,6 +136,23 @@ let
   dropNulls =
     attrs: removeAttrs attrs (filter (key: attrs.${key} == null) (attrNames attrs));
 
+  # What both layouts render from a service's options.
+  settingsOf =
+    service: managed:
+    dropNulls (
+      listToAttrs (
+        map (key: {
+          name = key;
+          value = service.${key};
+        }) (filter (key: hasAttr key service) optionKeys)
+      )
+      // {
+        toURL = upstreamURL service;
+        accessRules = map renderRule (service.accessRules or [ ]);
+      }
+      // managed
+    );
+
   /**
     The configuration file content (an attrset, for builtins.toJSON) of one service.
 
@@ -154,28 +171,11 @@ let
     }:
     let
       p = paths unit;
-      fromOptions = listToAttrs (
-        map (key: {
-          name = key;
-          value = service.${key};
-        }) (filter (key: hasAttr key service) optionKeys)
-      );
-      acme =
-        if acmeDirectory != null then
-          {
-            certificateFile = "${acmeDirectory}/fullchain.pem";
-            certificateKey = "${acmeDirectory}/key.pem";
-          }
-        else
-          { };
       tailscalePackage = service.tailscalePackage or null;
     in
-    dropNulls (
-      fromOptions
-      // {
+    settingsOf service (
+      {
         name = service.name or unit;
-        toURL = upstreamURL service;
-        accessRules = map renderRule (service.accessRules or [ ]);
         # The key file itself is handed over with LoadCredential=, so the dynamic
         # user never needs to read the (root-only) original.
         authKeyPath = if (service.authKeyPath or null) != null then "${p.credentialsDir}/authKey" else null;
@@ -187,8 +187,40 @@ let
         tailscaledPath = if tailscalePackage != null then "${tailscalePackage}/bin/tailscaled" else null;
         tailscaledUser = null;
       }
-      // acme
+      // (
+        if acmeDirectory != null then
+          {
+            certificateFile = "${acmeDirectory}/fullchain.pem";
+            certificateKey = "${acmeDirectory}/key.pem";
+          }
+        else
+          { }
+      )
     );
+
+  /**
+    The configuration of an OCI sidecar (virtualisation.oci-sidecars.tsnsrv): tsnsrv
+    spawns its own tailscaled inside the container, under the loopback guard, with the
+    state (and the control socket) on the volume mounted at /state.
+
+    - `name`: the machine name; `service`: its option values; `credentialsDir`: where
+      the container unit's LoadCredential= puts the key, mounted at the same path.
+  */
+  sidecarConfig =
+    {
+      name,
+      service,
+      credentialsDir,
+    }:
+    settingsOf service {
+      inherit name;
+      authKeyPath = if (service.authKeyPath or null) != null then "${credentialsDir}/authKey" else null;
+      stateDir = "/state";
+      controlSocket = "/state/control.sock";
+      tailscaledSocket = null;
+      tailscaledPath = "tailscaled";
+      tailscaledUser = null;
+    };
 in
 {
   inherit
@@ -198,5 +230,6 @@ in
     paths
     upstreamURL
     serviceConfig
+    sidecarConfig
     ;
 }

@@ -37,6 +37,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
         if "/systemd/" in str(item.fspath):
             item.add_marker(pytest.mark.systemd)
+        if "/oci/" in str(item.fspath):
+            item.add_marker(pytest.mark.oci)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -9,4 +9,8 @@
     imports = [ ./tailnet.nix ];
     defaults.imports = [ module ];
   };
+  vm-oci = pkgs.testers.runNixOSTest {
+    imports = [ ./oci.nix ];
+    defaults.imports = [ module ];
+  };
 }

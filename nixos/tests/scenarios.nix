@@ -22,11 +22,7 @@ let
   # A host-loopback-only service (TCP and UDP) that no tailnet peer may reach through a node.
   secretPort = 5432;
   authKey = "/run/keys/tsnsrv-authkey";
-  python = pkgs.python3.withPackages (ps: [
-    ps.aiohttp
-    ps.websockets
-  ]);
-  upstream = port: flags: "${python.interpreter} ${./upstream.py} 127.0.0.1 ${toString port} ${flags}";
+  inherit (import ./upstream.nix { inherit pkgs; }) python upstream;
   keyed = [
     "web"
     "api"
@@ -117,19 +113,7 @@ in
     ];
   };
 
-  testScript = ''
-    import base64
-    import json
-
-    def python_on(machine, code, *args):
-        """Run Python source on a machine (base64 keeps the quoting simple)."""
-        encoded = base64.b64encode(code.encode()).decode()
-        return machine.succeed(f"python3 -c 'import base64; exec(base64.b64decode(\"{encoded}\"))' {' '.join(args)}")
-
-    def url(ip, path="/", port=None):
-        host = f"[{ip}]" if ":" in ip else ip
-        return f"http://{host}" + (f":{port}" if port else "") + path
-
+  testScript = builtins.readFile ./helpers.py + ''
     def status_code(target):
         return client.succeed(f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 20 '{target}'").strip()
 
@@ -137,23 +121,6 @@ in
     headscale.wait_for_unit("headscale.service")
     headscale.wait_for_open_port(${toString controlPort})
     headscale.wait_until_succeeds("headscale users list")
-
-    def preauth_key(user, *extra):
-        headscale.succeed(f"headscale users create {user}")
-        users = json.loads(headscale.succeed("headscale users list -o json"))
-        user_id = next(u["id"] for u in users if u["name"] == user)
-        return headscale.succeed(f"headscale preauthkeys create --reusable -e 1h -u {user_id} {' '.join(extra)}").strip()
-
-    def nodes():
-        return json.loads(headscale.succeed("headscale nodes list -o json"))
-
-    def node_ips(name):
-        found = [n for n in nodes() if n["given_name"] == name]
-        assert len(found) == 1, f"expected one node {name}, got {[n['given_name'] for n in nodes()]}"
-        return sorted(found[0]["ip_addresses"], key=lambda ip: ":" in ip)  # IPv4 first
-
-    def node_ip(name):
-        return node_ips(name)[0]
 
     def main_pid(unit):
         return server.succeed(f"systemctl show -P MainPID {unit}").strip()
@@ -244,18 +211,6 @@ in
         client.wait_until_succeeds(f"tailscale ping -c 1 {alerts}")
         assert status_code(url(alerts)) == "403"
 
-    udp_probe = (
-        "import socket, sys\n"
-        "family = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
-        "s = socket.socket(family, socket.SOCK_DGRAM)\n"
-        "s.settimeout(5)\n"
-        "s.sendto(b'ping', (sys.argv[1], int(sys.argv[2])))\n"
-        "try:\n"
-        "    print(s.recv(100).decode())\n"
-        "except OSError:\n"
-        "    print('no answer')\n"
-    )
-
     with subtest("host loopback (TCP and UDP, over IPv4 and IPv6) is not reachable through a service node"):
         server.succeed("curl -fsS http://127.0.0.1:${toString secretPort}/")
         leaky_ips = node_ips("leaky")
@@ -264,11 +219,11 @@ in
         assert len(web_ips) == 2 and len(leaky_ips) == 2, (web_ips, leaky_ips)
         for ip in web_ips:
             client.fail(f"curl -fsS --max-time 10 {url(ip, port=${toString secretPort})}")
-            assert python_on(client, udp_probe, ip, "${toString secretPort}").strip() == "no answer", ip
+            assert python_on(client, UDP_PROBE, ip, "${toString secretPort}").strip() == "no answer", ip
         # The same through the unconfined node works: the checks above are not vacuous.
         for ip in leaky_ips:
             client.succeed(f"curl -fsS --max-time 10 {url(ip, port=${toString secretPort})}")
-            assert python_on(client, udp_probe, ip, "${toString secretPort}").strip() == "private ping", ip
+            assert python_on(client, UDP_PROBE, ip, "${toString secretPort}").strip() == "private ping", ip
 
     with subtest("1 GiB and websocket traffic trip no system call filter"):
         size = 1 << 30

@@ -8,15 +8,7 @@
 # either unit, ExecStopPost, and a configuration change.
 { lib, pkgs, ... }:
 let
-  tlsCert = pkgs.runCommand "headscale-cert" { nativeBuildInputs = [ pkgs.openssl ]; } ''
-    openssl req -x509 -newkey rsa:2048 -sha256 -days 365 -nodes \
-      -out cert.pem -keyout key.pem \
-      -subj '/CN=headscale' -addext "subjectAltName=DNS:headscale"
-    mkdir -p $out
-    cp key.pem cert.pem $out
-  '';
-
-  stunPort = 3478;
+  control = import ./headscale.nix { inherit pkgs; };
 
   scenarios =
     switchToChanged:
@@ -32,56 +24,14 @@ in
   meta.maintainers = [ ];
 
   nodes = {
-    headscale = {
-      services.headscale = {
-        enable = true;
-        port = 8080;
-        settings = {
-          server_url = "https://headscale";
-          prefixes = {
-            v4 = "100.64.0.0/10";
-            v6 = "fd7a:115c:a1e0::/48";
-          };
-          derp.server = {
-            enabled = true;
-            region_id = 999;
-            stun_listen_addr = "0.0.0.0:${toString stunPort}";
-          };
-          dns = {
-            magic_dns = true;
-            base_domain = "tailnet.test";
-            override_local_dns = false;
-          };
-        };
-      };
-      services.nginx = {
-        enable = true;
-        virtualHosts.headscale = {
-          addSSL = true;
-          sslCertificate = "${tlsCert}/cert.pem";
-          sslCertificateKey = "${tlsCert}/key.pem";
-          locations."/" = {
-            proxyPass = "http://127.0.0.1:8080";
-            proxyWebsockets = true;
-          };
-        };
-      };
-      networking.firewall = {
-        allowedTCPPorts = [
-          80
-          443
-        ];
-        allowedUDPPorts = [ stunPort ];
-      };
-      environment.systemPackages = [ pkgs.headscale ];
-    };
+    headscale = control.node;
 
     server =
       { config, ... }:
       {
         imports = [ (scenarios null).server ];
         specialisation.changed.configuration = (scenarios null).changed;
-        security.pki.certificateFiles = [ "${tlsCert}/cert.pem" ];
+        security.pki.certificateFiles = [ "${control.tlsCert}/cert.pem" ];
         virtualisation.memorySize = 1536;
         environment.systemPackages = [
           config.services.tsnsrv.defaults.package
@@ -90,7 +40,7 @@ in
       };
 
     client = {
-      security.pki.certificateFiles = [ "${tlsCert}/cert.pem" ];
+      security.pki.certificateFiles = [ "${control.tlsCert}/cert.pem" ];
       services.tailscale.enable = true;
       networking.hostName = "client";
       environment.systemPackages = [

@@ -81,10 +81,15 @@ def control_socket(cfg: ServiceConfig) -> Path:
     return cfg.control_socket or runtime_dir(cfg) / "control.sock"
 
 
+# Where NixOS puts them: root's runtime directory, the units' runtime directories, and
+# the state volumes of virtualisation.oci-sidecars.tsnsrv's containers.
+SYSTEM_CONTROL_SOCKETS = [(Path("/run/tsnsrv"), "*/control.sock"), (Path("/run"), "tsnsrv-*/control.sock"),
+                          (Path("/var/lib"), "podman-*/control.sock"), (Path("/var/lib"), "docker-*/control.sock")]
+
+
 def control_sockets_on_this_machine() -> list[Path]:
-    """Control sockets of every service `tsnsrv status` can see: ours, root's, and NixOS units'."""
-    patterns = [(runtime_base(), "*/control.sock"), (Path("/run/tsnsrv"), "*/control.sock"),
-                (Path("/run"), "tsnsrv-*/control.sock")]
+    """Control sockets of every service `tsnsrv status` can see: ours, root's, NixOS units' and sidecars'."""
+    patterns = [(runtime_base(), "*/control.sock"), *SYSTEM_CONTROL_SOCKETS]
     found: set[Path] = set()
     for base, pattern in patterns:
         try:

@@ -98,8 +98,8 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(healths, indent=2))
     elif not healths:
-        print("no tsnsrv services found (looked for control sockets under /run/tsnsrv, /run/tsnsrv-*, and your "
-              "runtime directory)")
+        print("no tsnsrv services found (looked for control sockets under /run/tsnsrv, /run/tsnsrv-*, "
+              "/var/lib/podman-* and /var/lib/docker-* (sidecars), and your runtime directory)")
     else:
         print(render([row(h) for h in sorted(healths, key=lambda h: h.get("name", ""))]))
     return 0 if healths and all(h.get("ready") for h in healths) else 1

@@ -17,6 +17,7 @@ import pytest
 from dnslib import DNSRecord
 
 from harness import proxyclient
+from harness.probes import udp_reply
 from harness.resolver import LoopbackResolver, private_resolv_conf_prefix
 from harness.tailnet import TailscaleNode
 
@@ -77,22 +78,6 @@ def bare_node(bin_dir, headscale, tmp_path_factory, clients, laptop):
 
 def tcp_reply(laptop, ip: str, port: int) -> bytes:
     return laptop.run(["curl", "-sS", "--max-time", "5", f"telnet://{ip}:{port}"], timeout=20).stdout
-
-
-UDP_PROBE = """
-import socket, sys
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.settimeout(3)
-sock.sendto(b"ping", (sys.argv[1], int(sys.argv[2])))
-try:
-    print(sock.recvfrom(2048)[0].decode())
-except socket.timeout:
-    print("no answer")
-"""
-
-
-def udp_reply(laptop, ip: str, port: int) -> str:
-    return laptop.run([sys.executable, "-c", UDP_PROBE, ip, str(port)], timeout=20).stdout.decode().strip()
 
 
 def test_host_loopback_tcp_is_not_reachable_through_a_service_node(make_tsnsrv, upstream, laptop, bare_node,

@@ -2,7 +2,8 @@
 
 `start()` runs a janitor process in a session of its own, reading from a pipe that only
 the run holds: every process group and network namespace the harness creates is written
-there as it is made. When the pipe closes (the run ended, however it ended), the janitor
+there as it is made, and commands that undo what no process holds (removing a container).
+When the pipe closes (the run ended, however it ended), the janitor runs those commands,
 kills whatever of those process groups is still alive (checking each one's start time, so
 a reused pid is never hit) and deletes the namespaces and veth links still there.
 
@@ -11,6 +12,7 @@ a reused pid is never hit) and deletes the namespaces and veth links still there
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -47,6 +49,11 @@ def namespace(name: str, host_link: str) -> None:
     _tell(f"netns {name} {host_link}")
 
 
+def command(argv: list[str]) -> None:
+    """A command that undoes something not held by a process group (a container)."""
+    _tell("command " + json.dumps(argv))
+
+
 def _start_time(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
@@ -73,7 +80,9 @@ def _signal_groups(groups: list[tuple[int, str]], sig: int) -> bool:
     return any_left
 
 
-def _clean(groups: list[tuple[int, str]], namespaces: list[tuple[str, str]]) -> None:
+def _clean(groups: list[tuple[int, str]], namespaces: list[tuple[str, str]], commands: list[list[str]]) -> None:
+    for argv in commands:
+        subprocess.run(argv, capture_output=True, timeout=60)
     _signal_groups(groups, signal.SIGTERM)
     deadline = time.monotonic() + 5
     while _signal_groups(groups, 0) and time.monotonic() < deadline:  # signal 0: is anyone left?
@@ -88,13 +97,17 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C for the run is not for the janitor
     groups: list[tuple[int, str]] = []
     namespaces: list[tuple[str, str]] = []
+    commands: list[list[str]] = []
     for line in sys.stdin:
-        kind, *fields = line.split()
+        kind, _, rest = line.partition(" ")
+        fields = rest.split()
         if kind == "group":
             groups.append((int(fields[0]), fields[1]))
         elif kind == "netns":
             namespaces.append((fields[0], fields[1]))
-    _clean(groups, namespaces)
+        elif kind == "command":
+            commands.append(json.loads(rest))
+    _clean(groups, namespaces, commands)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def scenario_args_nix(args: dict[str, Any]) -> str:
 def test_script(scenario_args: dict[str, Any]) -> str:
     """The scenarios' testScript, as the NixOS test driver would get it."""
     expr = (f"let lib = import {nix_string(NIXPKGS_LIB)}; pkgs = import {nix_string(REPO / 'tests/nix/stub-pkgs.nix')}"
-            f" {{ tailscaleVersion = {json.dumps(TAILSCALE_VERSION)}; }}; in (import {nix_string(REPO / 'nixos/tests/scenarios.nix')}"
+            f" {{ inherit lib; tailscaleVersion = {json.dumps(TAILSCALE_VERSION)}; }}; in (import {nix_string(REPO / 'nixos/tests/scenarios.nix')}"
             f" {{ inherit lib pkgs; {scenario_args_nix(scenario_args)} }}).testScript")
     return nix_eval(expr)
 

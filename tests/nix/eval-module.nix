@@ -13,7 +13,7 @@
 let
   inherit (lib) mkOption types;
 
-  pkgs = import ./stub-pkgs.nix { inherit tailscaleVersion; };
+  pkgs = import ./stub-pkgs.nix { inherit lib tailscaleVersion; };
 
   # nixpkgs' own implementation (nixos/lib/utils.nix).
   utils.escapeSystemdExecArgs = lib.concatMapStringsSep " " (
@@ -107,6 +107,42 @@ let
             LOCALE_ARCHIVE = "${pkgs.glibcLocales}/lib/locale/locale-archive";
           };
         };
+        # nixos/modules/virtualisation/oci-containers.nix, the parts sidecars use.
+        virtualisation.oci-containers = {
+          backend = mkOption {
+            type = types.enum [
+              "podman"
+              "docker"
+            ];
+            default = "podman";
+          };
+          containers = mkOption {
+            type = types.attrsOf (
+              types.submodule {
+                options = {
+                  image = mkOption { type = types.str; };
+                  imageFile = mkOption {
+                    type = types.nullOr types.package;
+                    default = null;
+                  };
+                  cmd = listOption;
+                  volumes = listOption;
+                  extraOptions = listOption;
+                  dependsOn = listOption;
+                  user = mkOption {
+                    type = types.nullOr types.str;
+                    default = null;
+                  };
+                  environment = mkOption {
+                    type = types.attrsOf types.str;
+                    default = { };
+                  };
+                };
+              }
+            );
+            default = { };
+          };
+        };
         services.resolved.enable = mkOption {
           type = types.bool;
           default = false;
@@ -177,7 +213,7 @@ in
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
 
   units = lib.mapAttrs (_: unit: {
-    inherit (unit) serviceConfig;
+    inherit (unit) serviceConfig unitConfig;
     wantedBy = unit.wantedBy or [ ];
     requires = unit.requires or [ ];
     after = unit.after or [ ];
@@ -203,6 +239,30 @@ in
   ) config.services.tsnsrv.services;
 
   acmeReloads = lib.mapAttrs (_: cert: cert.reloadServices) config.security.acme.certs;
+
+  containers = config.virtualisation.oci-containers.containers;
+
+  # What each sidecar's configuration file must hold (and the hash in its name).
+  expectedSidecars = lib.mapAttrs (
+    name: sidecar:
+    let
+      settings = render.sidecarConfig {
+        name = sidecar.service.name;
+        service = sidecar.service // {
+          authKeyPath =
+            if sidecar.service.authKeyPath != null then
+              sidecar.service.authKeyPath
+            else
+              config.virtualisation.oci-sidecars.tsnsrv.authKeyPath;
+        };
+        credentialsDir = "/run/tsnsrv-credentials";
+      };
+    in
+    {
+      inherit settings;
+      fileHash = builtins.hashString "sha256" (builtins.toJSON settings);
+    }
+  ) config.virtualisation.oci-sidecars.tsnsrv.containers;
 
   # The unit files as NixOS writes them.
   unitFiles = (import ./systemd-units.nix { inherit lib; }).render {

@@ -2,6 +2,7 @@
 # names and store paths (nothing is built), with what the module and the VM test's
 # scenarios read from them.
 {
+  lib,
   tailscaleVersion ? "1.98.1",
 }:
 let
@@ -13,42 +14,65 @@ let
       outPath = "/nix/store/00000000000000000000000000000000-${name}";
     }
     // extra;
-in
-{
-  callPackage =
-    _fn: _args:
-    fakeDerivation "tsnsrv-0.1.0" {
-      version = "0.1.0";
-      meta.mainProgram = "tsnsrv";
+  pkgs = {
+    # The package, or the sidecar image built by the module's own expression.
+    callPackage =
+      fn: args:
+      if baseNameOf (toString fn) == "oci-image.nix" then
+        import fn (
+          {
+            inherit lib;
+            inherit (pkgs) dockerTools cacert;
+          }
+          // args
+        )
+      else
+        fakeDerivation "tsnsrv-0.1.0" {
+          version = "0.1.0";
+          meta.mainProgram = "tsnsrv";
+        };
+    tailscale = fakeDerivation "tailscale-${tailscaleVersion}" { version = tailscaleVersion; };
+    coreutils = fakeDerivation "coreutils-9.7" { };
+    # What NixOS puts on every service's PATH, and in its global environment.
+    findutils = fakeDerivation "findutils-4.10.0" { };
+    gnugrep = fakeDerivation "gnugrep-3.12" { };
+    gnused = fakeDerivation "gnused-4.9" { };
+    systemd = fakeDerivation "systemd-258" { };
+    glibcLocales = fakeDerivation "glibc-locales-2.40" { };
+    python3 = fakeDerivation "python3-3.13" {
+      interpreter = "/nix/store/00000000000000000000000000000000-python3-3.13/bin/python3";
+      withPackages =
+        _f:
+        fakeDerivation "python3-3.13-env" {
+          interpreter = "/nix/store/00000000000000000000000000000000-python3-3.13-env/bin/python3";
+        };
     };
-  tailscale = fakeDerivation "tailscale-${tailscaleVersion}" { version = tailscaleVersion; };
-  coreutils = fakeDerivation "coreutils-9.7" { };
-  # What NixOS puts on every service's PATH, and in its global environment.
-  findutils = fakeDerivation "findutils-4.10.0" { };
-  gnugrep = fakeDerivation "gnugrep-3.12" { };
-  gnused = fakeDerivation "gnused-4.9" { };
-  systemd = fakeDerivation "systemd-258" { };
-  glibcLocales = fakeDerivation "glibc-locales-2.40" { };
-  python3 = fakeDerivation "python3-3.13" {
-    interpreter = "/nix/store/00000000000000000000000000000000-python3-3.13/bin/python3";
-    withPackages =
-      _f:
-      fakeDerivation "python3-3.13-env" {
-        interpreter = "/nix/store/00000000000000000000000000000000-python3-3.13-env/bin/python3";
-      };
+    # The file's name carries a hash of its content, so a test can tell which
+    # configuration a unit runs.
+    formats.json = _: {
+      generate =
+        name: value:
+        fakeDerivation "${builtins.hashString "sha256" (builtins.toJSON value)}-${name}" {
+          passthru.value = value;
+        };
+    };
+    runCommand = name: env: _script: fakeDerivation "${env.raw.name}-checked" { };
+    # The sidecar image (nixos/oci-image.nix) as the module reads it.
+    dockerTools = {
+      buildLayeredImage =
+        args:
+        fakeDerivation "docker-image-${args.name}.tar.gz" {
+          imageName = args.name;
+          imageTag = args.tag;
+          passthru.config = args.config;
+        };
+      caCertificates = fakeDerivation "ca-certificates" { };
+    };
+    cacert = fakeDerivation "nss-cacert-3.115" { };
+    stdenv = {
+      buildPlatform.canExecute = _: true;
+      hostPlatform = { };
+    };
   };
-  # The file's name carries a hash of its content, so a test can tell which
-  # configuration a unit runs.
-  formats.json = _: {
-    generate =
-      name: value:
-      fakeDerivation "${builtins.hashString "sha256" (builtins.toJSON value)}-${name}" {
-        passthru.value = value;
-      };
-  };
-  runCommand = name: env: _script: fakeDerivation "${env.raw.name}-checked" { };
-  stdenv = {
-    buildPlatform.canExecute = _: true;
-    hostPlatform = { };
-  };
-}
+in
+pkgs

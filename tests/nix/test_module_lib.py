@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import pytest
 
-from harness.nixtools import NIXPKGS_LIB, NO_LIB_REASON, TESTS, nix_eval, nix_string, run_nix
+from harness.nixtools import NIXPKGS_LIB, NO_LIB_REASON, TESTS, nix_eval, nix_string, run_nix, tsnsrv_check
 from tsnsrv import config
 
 LIB = NIXPKGS_LIB
@@ -253,3 +253,68 @@ def test_option_tree_matches_the_stub_evaluation_and_the_runtime(blog: dict) -> 
         if isinstance(default, float) and not isinstance(ours, bool):
             ours = float(ours)
         assert ours == default, f"{key}: module default {values[key]!r}, runtime default {default!r}"
+
+
+# --- OCI sidecars ---------------------------------------------------------------------
+
+SIDECARS = """{
+  services.tsnsrv.defaults = {
+    authKeyPath = "/run/secrets/tailscale-authkey";
+    loginServerUrl = "https://headscale.example.com";
+  };
+  virtualisation.oci-containers.containers.calibre-web = { image = "calibre-web:latest"; };
+  virtualisation.oci-sidecars.tsnsrv = {
+    enable = true;
+    containers.books-tailnet = {
+      name = "books";
+      forContainer = "calibre-web";
+      service = { toURL = "http://127.0.0.1:8083"; funnel = true; };
+    };
+  };
+}"""
+
+
+@pytest.fixture(scope="module")
+def sidecars() -> dict[str, Any]:
+    return evaluate(SIDECARS)
+
+
+def test_a_sidecar_runs_in_its_apps_network_from_the_tsnsrv_image(sidecars: dict) -> None:
+    assert sidecars["failedAssertions"] == []
+    container = sidecars["containers"]["books-tailnet"]
+    assert container["image"] == "tsnsrv:0.1.0"
+    assert container["imageFile"] == "/nix/store/00000000000000000000000000000000-docker-image-tsnsrv.tar.gz"
+    assert container["dependsOn"] == ["calibre-web"]
+    assert container["extraOptions"] == ["--network=container:calibre-web", "--cap-drop=all",
+                                         "--security-opt=no-new-privileges", "--read-only"]
+    assert container["user"] == "65532:65532"  # never root: tsnsrv would refuse to run tailscaled as root
+    state, credentials, config_file = container["volumes"]
+    assert state == "/var/lib/podman-books-tailnet:/state"
+    assert credentials == "/run/podman-books-tailnet:/run/tsnsrv-credentials:ro"
+    expected = sidecars["expectedSidecars"]["books-tailnet"]
+    assert config_file.endswith(f"-{expected['fileHash']}-tsnsrv-sidecar-books-tailnet.json:/etc/tsnsrv.json:ro")
+    assert container["cmd"] == ["--config", "/etc/tsnsrv.json"]
+
+
+def test_a_sidecar_spawns_its_own_tailscaled_with_state_on_the_volume(sidecars: dict, tmp_path) -> None:
+    settings = sidecars["expectedSidecars"]["books-tailnet"]["settings"]
+    assert settings["name"] == "books" and settings["funnel"] is True
+    assert settings["stateDir"] == "/state" and settings["controlSocket"] == "/state/control.sock"
+    assert "tailscaledSocket" not in settings  # spawn mode, under the loopback guard
+    assert settings["authKeyPath"] == "/run/tsnsrv-credentials/authKey"
+    result = tsnsrv_check(settings, tmp_path, "sidecar")
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_sidecars_unit_hands_over_the_key_and_the_app_keeps_it_up(sidecars: dict) -> None:
+    unit = sidecars["units"]["podman-books-tailnet"]["serviceConfig"]
+    assert unit["LoadCredential"] == ["authKey:/run/secrets/tailscale-authkey"]
+    assert unit["StateDirectory"] == "podman-books-tailnet" and unit["RuntimeDirectory"] == "podman-books-tailnet"
+    assert any("install -o 65532 -g 65532 -m 0400" in step and "/run/podman-books-tailnet/authKey" in step
+               for step in unit["ExecStartPre"])
+    assert sidecars["units"]["podman-calibre-web"]["unitConfig"]["Upholds"] == ["podman-books-tailnet.service"]
+
+
+def test_a_sidecar_for_a_missing_container_is_refused() -> None:
+    result = evaluate(SIDECARS.replace('forContainer = "calibre-web"', 'forContainer = "calibre"'))
+    assert any('forContainer = "calibre" is not a container' in m for m in result["failedAssertions"])

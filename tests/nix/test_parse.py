@@ -17,7 +17,8 @@ def nix_files() -> list[Path]:
 def test_the_flake_and_the_module_are_there() -> None:
     names = {path.relative_to(REPO).as_posix() for path in nix_files()}
     expected = {"flake.nix", "nixos/module.nix", "nixos/render.nix", "nixos/options.nix", "nixos/package.nix",
-                "nixos/tests/default.nix", "nixos/tests/tailnet.nix"}
+                "nixos/tests/default.nix", "nixos/tests/tailnet.nix", "nixos/tests/oci.nix",
+                "nixos/tests/headscale.nix", "nixos/oci-sidecars.nix", "nixos/oci-image.nix"}
     assert expected <= names, f"missing: {sorted(expected - names)}"
 
 

@@ -89,16 +89,25 @@ def test_runtime_dir_and_control_socket(env):
 def test_control_sockets_on_this_machine_finds_only_sockets(env, tmp_path):
     base = tmp_path / "rt"
     env.setattr(paths, "runtime_base", lambda: base)
+    # A sidecar's state volume (virtualisation.oci-sidecars.tsnsrv), beside an app's own state.
+    env.setattr(paths, "SYSTEM_CONTROL_SOCKETS", [(tmp_path / "var-lib", "podman-*/control.sock")])
+    (tmp_path / "var-lib" / "podman-books-tailnet").mkdir(parents=True)
+    (tmp_path / "var-lib" / "calibre").mkdir()
     (base / "books").mkdir(parents=True)
     (base / "decoy").mkdir()
     (base / "decoy" / "control.sock").write_text("not a socket")
-    listener = socket.socket(socket.AF_UNIX)
+    listeners = [socket.socket(socket.AF_UNIX) for _ in range(3)]
     try:
-        listener.bind(str(base / "books" / "control.sock"))
+        for listener, path in zip(listeners, [base / "books", tmp_path / "var-lib" / "podman-books-tailnet",
+                                              tmp_path / "var-lib" / "calibre"]):
+            listener.bind(str(path / "control.sock"))
         found = paths.control_sockets_on_this_machine()
     finally:
-        listener.close()
+        for listener in listeners:
+            listener.close()
     assert base / "books" / "control.sock" in found
+    assert tmp_path / "var-lib" / "podman-books-tailnet" / "control.sock" in found
+    assert tmp_path / "var-lib" / "calibre" / "control.sock" not in found
     assert base / "decoy" / "control.sock" not in found
     assert found == sorted(found)
 
