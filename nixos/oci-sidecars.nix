@@ -5,8 +5,8 @@
 #
 # In the sidecar, tsnsrv spawns its own tailscaled under the loopback guard (seccomp user
 # notification): inside a container that matters more, as the app listens on the same
-# loopback. It runs as an unprivileged user of the image, with its state on a volume from
-# the unit's StateDirectory (/state) and the auth key, handed over by LoadCredential=,
+# loopback. It runs as an unprivileged user of the image, with its state on a volume
+# (/var/lib/<unit>, mounted at /state) and the auth key, handed over by LoadCredential=,
 # copied for that user into the unit's RuntimeDirectory.
 {
   config,
@@ -35,7 +35,10 @@ let
   uid = 65532;
   credentialsDir = "/run/tsnsrv-credentials";
 
-  unitOf = name: "${backend}-${name}";
+  # The unit oci-containers makes of a container (its serviceName, where nixpkgs has that
+  # option).
+  unitOf =
+    name: config.virtualisation.oci-containers.containers.${name}.serviceName or "${backend}-${name}";
 
   machineName = name: sidecar: if sidecar.name != null then sidecar.name else name;
 
@@ -172,35 +175,37 @@ in
       }
     ) cfg.containers;
 
-    systemd.services =
-      mapAttrs' (
+    systemd.services = lib.mkMerge [
+      (mapAttrs' (
         name: sidecar:
         nameValuePair (unitOf name) {
           serviceConfig = {
-            StateDirectory = unitOf name;
-            StateDirectoryMode = "0700";
-            RuntimeDirectory = unitOf name;
+            # A list, so that it adds to what oci-containers sets for podman (a runtime
+            # directory named after the container) instead of clashing with it.
+            RuntimeDirectory = [ (unitOf name) ];
             RuntimeDirectoryMode = "0700";
             LoadCredential = lib.optional (keyOf sidecar != null) "authKey:${keyOf sidecar}";
-            # For the image's unprivileged account: its state, and its copy of the key.
+            # For the image's unprivileged account: its state, and its copy of the key. The
+            # state directory is made here, not with StateDirectory=: the unit runs as root,
+            # and systemd would give a StateDirectory back to root, recursively, on each start.
             ExecStartPre = lib.mkBefore (
-              [ "${pkgs.coreutils}/bin/chown ${toString uid}:${toString uid} /var/lib/${unitOf name} /run/${unitOf name}" ]
+              [
+                "${pkgs.coreutils}/bin/install -d -m 0700 -o ${toString uid} -g ${toString uid} /var/lib/${unitOf name}"
+                "${pkgs.coreutils}/bin/chown ${toString uid}:${toString uid} /run/${unitOf name}"
+              ]
               ++ lib.optional (
                 keyOf sidecar != null
               ) "${pkgs.coreutils}/bin/install -o ${toString uid} -g ${toString uid} -m 0400 \${CREDENTIALS_DIRECTORY}/authKey /run/${unitOf name}/authKey"
             );
           };
         }
-      ) cfg.containers
+      ) cfg.containers)
       # The app's unit keeps its sidecar up, as the Go tsnsrv's module does.
-      // lib.foldAttrs (item: acc: { unitConfig.Upholds = acc.unitConfig.Upholds ++ item.unitConfig.Upholds; })
-        {
-          unitConfig.Upholds = [ ];
-        }
-        (
-          mapAttrsToList (name: sidecar: {
-            ${unitOf sidecar.forContainer}.unitConfig.Upholds = [ "${unitOf name}.service" ];
-          }) cfg.containers
-        );
+      (lib.mkMerge (
+        mapAttrsToList (name: sidecar: {
+          ${unitOf sidecar.forContainer}.unitConfig.Upholds = [ "${unitOf name}.service" ];
+        }) cfg.containers
+      ))
+    ];
   };
 }

@@ -121,7 +121,7 @@ in
     key = preauth_key("containers")
     machine.succeed(f"mkdir -p /run/keys && echo '{key}' > ${authKey} && chmod 0400 ${authKey}")
     # The app's unit upholds its sidecars: starting it brings them up.
-    machine.systemctl("start podman-web-server.service")
+    machine.succeed("systemctl start podman-web-server.service")
 
     for sidecar in [${sidecarList}]:
         with subtest(f"{sidecar} puts the app on the tailnet, with identity headers"):
@@ -129,7 +129,7 @@ in
             answer = json.loads(machine.succeed(f"curl -fsS --max-time 20 '{url(ip, '/hello?q=1')}'"))
             headers = {name.lower(): value for name, value in answer["headers"].items()}
             assert answer["path"] == "/hello", answer
-            assert headers["x-tailscale-user-loginname"] == "alice", headers
+            assert "alice" in headers["x-tailscale-user-loginname"], headers
             assert headers["x-tailscale-node-name"] == "machine", headers
 
     with subtest("tsnsrv status on the host finds the sidecars by their state volumes"):
@@ -144,18 +144,23 @@ in
         for ip in node_ips("web-server-basic"):
             machine.fail(f"curl -fsS --max-time 10 {url(ip, port=${toString secretPort})}")
             assert python_on(machine, UDP_PROBE, ip, "${toString secretPort}").strip() == "no answer", ip
-        machine.succeed("podman logs web-server-basic 2>&1 | grep -q 'refused tailscaled.s connection to host loopback'")
+        # grep -c reads all of it (-q would stop early, and pipefail would see podman's SIGPIPE).
+        machine.wait_until_succeeds("podman logs web-server-basic 2>&1 | grep -c 'refused tailscaled.s connection to host loopback'", timeout=30)
 
     with subtest("the sidecar runs as 65532 without capabilities, on a read-only root"):
-        status = machine.succeed("podman exec web-server-basic cat /proc/1/status")
+        # Seen from the host: the image has no shell tools.
+        pid = machine.succeed("podman inspect --format '{{.State.Pid}}' web-server-basic").strip()
+        status = machine.succeed(f"cat /proc/{pid}/status")
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         assert fields["Uid"].split()[0] == "65532", fields["Uid"]
         assert fields["CapEff"].strip() == "0000000000000000", fields["CapEff"]
-        machine.fail("podman exec web-server-basic touch /written")
+        assert fields["NoNewPrivs"].strip() == "1", fields["NoNewPrivs"]
+        assert machine.succeed("podman inspect --format '{{.HostConfig.ReadonlyRootfs}}' web-server-basic").strip() == "true"
+        machine.fail(f"touch /proc/{pid}/root/written")
 
     with subtest("a restart keeps the node"):
         before = node_ips("web-server-basic")
-        machine.systemctl("restart podman-web-server-basic.service")
+        machine.succeed("systemctl restart podman-web-server-basic.service")
         wait_ready("web-server-basic")
         assert node_ips("web-server-basic") == before
         machine.succeed(f"curl -fsS --max-time 20 {url(before[0])}")

@@ -81,7 +81,7 @@ let
   # The NixOS options the module sets, declared loosely where only the module's own
   # options are under test.
   nixosStubs =
-    { ... }:
+    { config, ... }:
     {
       options = {
         assertions = mkOption {
@@ -118,8 +118,14 @@ let
           };
           containers = mkOption {
             type = types.attrsOf (
-              types.submodule {
+              types.submodule (
+                { name, ... }:
+                {
                 options = {
+                  serviceName = mkOption {
+                    type = types.str;
+                    default = "${config.virtualisation.oci-containers.backend}-${name}";
+                  };
                   image = mkOption { type = types.str; };
                   imageFile = mkOption {
                     type = types.nullOr types.package;
@@ -138,7 +144,8 @@ let
                     default = { };
                   };
                 };
-              }
+                }
+              )
             );
             default = { };
           };
@@ -174,9 +181,39 @@ let
       };
     };
 
+  # What nixos/modules/virtualisation/oci-containers.nix writes into each container's
+  # unit, where the sidecars' own settings must merge with it: its pre-start step, the
+  # dependencies, and for podman a runtime directory named after the container.
+  ociContainerUnits =
+    { config, ... }:
+    let
+      inherit (config.virtualisation.oci-containers) backend containers;
+      # (A container that does not exist is left for the sidecars' assertion to name,
+      # which NixOS reports before it looks at any unit.)
+      unitsOf = map (c: "${containers.${c}.serviceName or c}.service");
+    in
+    {
+      systemd.services = lib.mapAttrs' (
+        name: container:
+        lib.nameValuePair container.serviceName {
+          after = unitsOf container.dependsOn;
+          requires = unitsOf container.dependsOn;
+          serviceConfig = {
+            ExecStartPre = [ "/nix/store/00000000000000000000000000000000-pre-start/bin/pre-start" ];
+            Restart = "always";
+          }
+          // lib.optionalAttrs (backend == "podman") {
+            Type = "notify";
+            RuntimeDirectory = name;
+          };
+        }
+      ) containers;
+    };
+
   eval = lib.evalModules {
     modules = [
       nixosStubs
+      ociContainerUnits
       ../../nixos/module.nix
       configuration
       {

@@ -309,9 +309,18 @@ def test_a_sidecar_spawns_its_own_tailscaled_with_state_on_the_volume(sidecars: 
 def test_a_sidecars_unit_hands_over_the_key_and_the_app_keeps_it_up(sidecars: dict) -> None:
     unit = sidecars["units"]["podman-books-tailnet"]["serviceConfig"]
     assert unit["LoadCredential"] == ["authKey:/run/secrets/tailscale-authkey"]
-    assert unit["StateDirectory"] == "podman-books-tailnet" and unit["RuntimeDirectory"] == "podman-books-tailnet"
-    assert any("install -o 65532 -g 65532 -m 0400" in step and "/run/podman-books-tailnet/authKey" in step
-               for step in unit["ExecStartPre"])
+    # Made by the unit for the image's account: a StateDirectory= would be given back to
+    # root (the unit's user) on every start, and the sidecar could not read its state.
+    assert "StateDirectory" not in unit
+    # Beside the one oci-containers names after the container (merged, not clashing).
+    assert sorted(unit["RuntimeDirectory"]) == ["books-tailnet", "podman-books-tailnet"]
+    state, chown, install, oci_pre_start = unit["ExecStartPre"]  # ours first, as root, before podman's
+    assert state.endswith("install -d -m 0700 -o 65532 -g 65532 /var/lib/podman-books-tailnet")
+    assert chown.endswith("chown 65532:65532 /run/podman-books-tailnet")
+    assert "install -o 65532 -g 65532 -m 0400 ${CREDENTIALS_DIRECTORY}/authKey /run/podman-books-tailnet/authKey" \
+        in install
+    assert oci_pre_start.endswith("-pre-start/bin/pre-start")
+    assert sidecars["units"]["podman-books-tailnet"]["requires"] == ["podman-calibre-web.service"]
     assert sidecars["units"]["podman-calibre-web"]["unitConfig"]["Upholds"] == ["podman-books-tailnet.service"]
 
 
