@@ -76,6 +76,13 @@ def nix_string(path: Path) -> str:
     return json.dumps(str(path))
 
 
+def evaluate_module(configuration: str, tailscale_version: str = "1.98.1") -> dict[str, Any]:
+    """tests/nix/eval-module.nix on a configuration (Nix source): the module evaluated
+    with the real nixpkgs lib, its units, assertions and sidecars as JSON."""
+    return nix_eval(f"import {nix_string(TESTS / 'eval-module.nix')} {{ lib = import {nix_string(Path(NIXPKGS_LIB or ''))}; "
+                    f"configuration = {configuration}; tailscaleVersion = {json.dumps(tailscale_version)}; }}")
+
+
 def tsnsrv_check(config: dict[str, Any], tmp_path: Path, name: str = "service") -> subprocess.CompletedProcess[str]:
     """`tsnsrv check --config FILE` on a rendered configuration."""
     path = tmp_path / f"{name}.json"

@@ -11,14 +11,14 @@ units are checked as the module generates them, without building anything.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 
-from harness.nixtools import NIXPKGS_LIB, NO_LIB_REASON, TESTS, nix_eval, nix_string, run_nix, tsnsrv_check
+from harness.nixtools import (NIXPKGS_LIB, NO_LIB_REASON, TESTS, evaluate_module, nix_eval, nix_string, run_nix,
+                              tsnsrv_check)
 from tsnsrv import config
 
 LIB = NIXPKGS_LIB
@@ -68,11 +68,6 @@ BLOG = """{
 }"""
 
 
-def evaluate(configuration: str, tailscale_version: str = "1.98.1") -> dict[str, Any]:
-    return nix_eval(f"import {nix_string(TESTS / 'eval-module.nix')} {{ lib = import {nix_string(Path(LIB or ''))}; "
-                    f"configuration = {configuration}; tailscaleVersion = {json.dumps(tailscale_version)}; }}")
-
-
 def evaluation_error(configuration: str) -> str:
     expr = (f"(import {nix_string(TESTS / 'eval-module.nix')} {{ lib = import {nix_string(Path(LIB or ''))}; "
             f"configuration = {configuration}; }}).units")
@@ -83,7 +78,7 @@ def evaluation_error(configuration: str) -> str:
 
 @pytest.fixture(scope="module")
 def blog() -> dict[str, Any]:
-    return evaluate(BLOG)
+    return evaluate_module(BLOG)
 
 
 def test_the_blog_setup_evaluates_without_failed_assertions(blog: dict) -> None:
@@ -205,17 +200,17 @@ ASSERTION_CASES = {
 @pytest.mark.parametrize("case", sorted(ASSERTION_CASES))
 def test_assertions(case: str) -> None:
     services, message = ASSERTION_CASES[case]
-    result = evaluate(f"{{ services.tsnsrv = {{ enable = true; services = {services}; }}; }}")
+    result = evaluate_module(f"{{ services.tsnsrv = {{ enable = true; services = {services}; }}; }}")
     assert any(message in failed for failed in result["failedAssertions"]), result["failedAssertions"]
 
 
 def test_a_valid_service_fails_no_assertion() -> None:
-    result = evaluate('{ services.tsnsrv = { enable = true; services.a.toURL = "http://x:1"; }; }')
+    result = evaluate_module('{ services.tsnsrv = { enable = true; services.a.toURL = "http://x:1"; }; }')
     assert result["failedAssertions"] == []
 
 
 def test_old_tailscale_is_refused() -> None:
-    result = evaluate('{ services.tsnsrv = { enable = true; services.a.toURL = "http://x:1"; }; }', "1.90.3")
+    result = evaluate_module('{ services.tsnsrv = { enable = true; services.a.toURL = "http://x:1"; }; }', "1.90.3")
     assert any("tailscale 1.90.3, but tsnsrv needs 1.92 or newer" in m for m in result["failedAssertions"])
 
 
@@ -232,7 +227,7 @@ def test_secrets_cannot_be_store_paths() -> None:
 
 
 def test_disabled_module_defines_nothing() -> None:
-    result = evaluate('{ services.tsnsrv.services.a.toURL = "http://x:1"; }')
+    result = evaluate_module('{ services.tsnsrv.services.a.toURL = "http://x:1"; }')
     assert result["units"] == {} and result["failedAssertions"] == []
 
 
@@ -244,7 +239,7 @@ def test_option_tree_matches_the_stub_evaluation_and_the_runtime(blog: dict) -> 
     for name, option in real["services"].items():
         assert option["type"] == stub["services"][name]["type"], name
     # With nothing set in `defaults` but the key path, every default is the runtime's.
-    values = evaluate('{ services.tsnsrv.enable = true; }')["options"]["defaultValues"]
+    values = evaluate_module('{ services.tsnsrv.enable = true; }')["options"]["defaultValues"]
     for key, field in config.FIELDS.items():
         if key not in values:
             continue
@@ -276,7 +271,7 @@ SIDECARS = """{
 
 @pytest.fixture(scope="module")
 def sidecars() -> dict[str, Any]:
-    return evaluate(SIDECARS)
+    return evaluate_module(SIDECARS)
 
 
 def test_a_sidecar_runs_in_its_apps_network_from_the_tsnsrv_image(sidecars: dict) -> None:
@@ -325,5 +320,5 @@ def test_a_sidecars_unit_hands_over_the_key_and_the_app_keeps_it_up(sidecars: di
 
 
 def test_a_sidecar_for_a_missing_container_is_refused() -> None:
-    result = evaluate(SIDECARS.replace('forContainer = "calibre-web"', 'forContainer = "calibre"'))
+    result = evaluate_module(SIDECARS.replace('forContainer = "calibre-web"', 'forContainer = "calibre"'))
     assert any('forContainer = "calibre" is not a container' in m for m in result["failedAssertions"])

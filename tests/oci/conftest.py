@@ -12,7 +12,7 @@ import attrs
 import pytest
 
 from harness.headscale import Headscale
-from harness.nixtools import NIXPKGS_LIB, NO_LIB_REASON, TESTS, nix_eval, nix_string
+from harness.nixtools import NIXPKGS_LIB, NO_LIB_REASON, evaluate_module
 from harness.podman import Container, base_image, podman_unavailable, sidecar_image
 from harness.processes import wait_for
 from harness.tailnet import OFFLINE_ENV
@@ -35,8 +35,7 @@ def module_says(login_server: str) -> dict:
                                   service.toURL = "http://127.0.0.1:8080"; }};
       }};
     }}"""
-    result = nix_eval(f"import {nix_string(TESTS / 'eval-module.nix')} {{ lib = import {nix_string(NIXPKGS_LIB)}; "
-                      f"configuration = {configuration}; }}")
+    result = evaluate_module(configuration)
     assert result["failedAssertions"] == []
     return {"container": result["containers"][SIDECAR], "settings": result["expectedSidecars"][SIDECAR]["settings"]}
 
