@@ -66,7 +66,6 @@
                   aiohttp
                   attrs
                   cattrs
-                  httptools
                   prometheus-client
                   pytest
                   pytest-asyncio

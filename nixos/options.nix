@@ -475,6 +475,17 @@ in
     description = "Upstream connect timeout.";
   };
 
+  upstreamRetryWindow = inheritable "upstreamRetryWindow" {
+    type = duration;
+    default = 10;
+    example = "30s";
+    description = ''
+      While the upstream refuses connections (it is restarting, say after an update),
+      keep trying this long before answering 502; the request waits with its body unread.
+      0 answers 502 at once, as the Go tsnsrv does.
+    '';
+  };
+
   upstreamResponseHeaderTimeout = inheritable "upstreamResponseHeaderTimeout" {
     type = duration;
     default = 300;

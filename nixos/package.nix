@@ -28,9 +28,10 @@ python3Packages.buildPythonApplication {
   build-system = [ python3Packages.setuptools ];
 
   dependencies = with python3Packages; [
+    aiohttp
     attrs
     cattrs
-    httptools
+    prometheus-client
   ];
 
   # pyproject.toml pins exact releases for the development virtualenv; nixpkgs brings
@@ -39,8 +40,6 @@ python3Packages.buildPythonApplication {
 
   nativeCheckInputs = with python3Packages; [
     pytestCheckHook
-    aiohttp
-    prometheus-client
     pytest-asyncio
     pytest-timeout
     hypothesis

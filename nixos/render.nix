@@ -52,6 +52,7 @@ let
     "upstreamCaFile"
     "upstreamAllowInsecureCiphers"
     "upstreamConnectTimeout"
+    "upstreamRetryWindow"
     "upstreamResponseHeaderTimeout"
     "upstreamIdleTimeout"
     "metricsAddr"

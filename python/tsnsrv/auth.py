@@ -98,10 +98,9 @@ async def mint_auth_key(secret: OAuthSecret, tags: list[str], timeout: float = 3
     """Exchange an OAuth client secret for a single-use auth key carrying `tags`."""
     if not tags:
         raise AuthKeyError("an OAuth client secret needs tags to create a key with; set tags (--tag tag:NAME)")
-    # Once per login, and only with an OAuth secret: its HTTP client is imported then.
-    from .oauth import mint_in_thread
+    from .oauth import mint  # only with an OAuth secret (oauth.py imports this module)
 
-    return await asyncio.to_thread(mint_in_thread, secret, tags, timeout)
+    return await mint(secret, tags, timeout)
 
 
 async def auth_key_for_login(cfg: ServiceConfig) -> str | None:

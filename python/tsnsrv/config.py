@@ -215,6 +215,10 @@ class ServiceConfig:
     upstream_allow_insecure_ciphers: bool = option(False, help="Allow upstream TLS cipher suites without "
                                                                "forward secrecy (old appliances).")
     upstream_connect_timeout: Duration = option(10.0, metavar="DURATION", help="Upstream connect timeout.")
+    upstream_retry_window: Duration = option(10.0, metavar="DURATION",
+                                             help="While the upstream refuses connections (it is restarting), keep "
+                                                  "trying this long before answering 502; the request waits with "
+                                                  "its body unread. 0 answers 502 at once.")
     upstream_response_header_timeout: Duration = option(300.0, metavar="DURATION",
                                                         help="Time the upstream has to start its response after "
                                                              "the request was sent; 0 disables.")

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import prometheus_client
+from aiohttp import web
 
 from . import __version__
-from .http1 import Exchange, ServerConnection
+from .httpserver import PlainResponse, plain_response
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -107,46 +109,45 @@ class ControlServer:
         self.health = health
         self.metrics = metrics
         self.probe_upstream = probe_upstream
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[tuple[asyncio.Server, web.Server]] = []
 
-    def _answer(self, exchange: Exchange, with_health: bool) -> None:
-        request = exchange.request
-        path, _, query = request.target.partition("?")
+    async def _answer(self, request: web.BaseRequest, with_health: bool) -> web.StreamResponse:
+        path = request.raw_path.partition("?")[0]
         if path == "/metrics":
-            exchange.respond(200, self.metrics.exposition(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
-        elif path == "/health" and with_health:
-            asyncio.ensure_future(self._health(exchange, probe="probe=" in query))
-        else:
-            exchange.respond(404, b"404 Not Found\n")
+            return PlainResponse(body=self.metrics.exposition(),
+                                 headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+        if path == "/health" and with_health:
+            body = self.health.as_json()
+            if "probe" in request.query:
+                body["upstream"].update(await self.probe_upstream())
+            return PlainResponse(status=200 if self.health.ready else 503, text=json.dumps(body),
+                                 content_type="application/json")
+        return plain_response(404, "404 Not Found")
 
-    async def _health(self, exchange: Exchange, probe: bool) -> None:
-        body = self.health.as_json()
-        if probe:
-            body["upstream"].update(await self.probe_upstream())
-        if not exchange.client_gone:
-            exchange.respond(200 if self.health.ready else 503, json.dumps(body).encode(),
-                             content_type=b"application/json")
+    async def _serve(self, with_health: bool, listen: Callable[[web.Server], Awaitable[asyncio.Server]]) -> None:
+        handler = web.Server(lambda request: self._answer(request, with_health), access_log=None)
+        self._servers.append((await listen(handler), handler))
 
     async def start_unix(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         if path.is_socket():
             path.unlink()
-        server = await asyncio.get_running_loop().create_unix_server(
-            lambda: ServerConnection(lambda exchange: self._answer(exchange, with_health=True)), str(path))
+        loop = asyncio.get_running_loop()
+        await self._serve(True, lambda handler: loop.create_unix_server(handler, str(path)))
         os.chmod(path, 0o660)  # root and the service's own user/group may ask
-        self._servers.append(server)
 
     async def start_tcp(self, host: str, port: int) -> None:
-        server = await asyncio.get_running_loop().create_server(
-            lambda: ServerConnection(lambda exchange: self._answer(exchange, with_health=False)), host or None, port)
-        self._servers.append(server)
+        loop = asyncio.get_running_loop()
+        await self._serve(False, lambda handler: loop.create_server(handler, host or None, port))
         log.info("metrics on http://%s:%d/metrics", host or "*", port)
 
-    def tailnet_metrics(self, exchange: Exchange) -> None:
+    async def tailnet_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
         """/metrics for a front listener on a tailnet port (--metrics-addr tailnet:PORT)."""
-        self._answer(exchange, with_health=False)
+        return await self._answer(request, with_health=False)
 
     async def close(self) -> None:
-        for server in self._servers:
+        for server, handler in self._servers:
             server.close()
-        await asyncio.gather(*(server.wait_closed() for server in self._servers), return_exceptions=True)
+            handler.pre_shutdown()
+        await asyncio.gather(*(handler.shutdown(1.0) for _, handler in self._servers), return_exceptions=True)
+        await asyncio.gather(*(server.wait_closed() for server, _ in self._servers), return_exceptions=True)

@@ -1,8 +1,8 @@
 """The front listener: where tailscaled's Serve forwards tailnet (and Funnel) connections.
 
 Each connection must come from our tailscaled (see peercheck), starts with a PROXY v2
-header naming the real client, then carries TLS or plain HTTP, which an
-http1.ServerConnection takes over, knowing its client (`Peer`).
+header naming the real client, then carries TLS or plain HTTP, which aiohttp's server
+takes over (httpserver.FrontServer), knowing its client (`Peer`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 
 import attrs
+from aiohttp import web
 
 from . import proxyproto
 from .access import FUNNEL, TAILNET
-from .http1 import Application, ServerConnection
+from .httpserver import FrontServer
 from .identity import is_tailnet_address
 from .metrics import Metrics
 from .peercheck import PEER_GONE, TailscaledPeerCheck
@@ -25,6 +27,9 @@ from .peercheck import PEER_GONE, TailscaledPeerCheck
 log = logging.getLogger(__name__)
 
 PROXY_HEADER_TIMEOUT = 10.0
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
 @attrs.frozen
 class Peer:
     """The client behind one front connection, from its PROXY header."""
@@ -48,23 +53,24 @@ def reserve_closed_port(address: str) -> socket.socket:
 
 
 class FrontListener:
-    def __init__(self, address: str, app: Application, peer_check: TailscaledPeerCheck, metrics: Metrics, *,
+    """Requests of admitted connections go to `handler` (an aiohttp request handler)."""
+
+    def __init__(self, address: str, handler: Handler, peer_check: TailscaledPeerCheck, metrics: Metrics, *,
                  read_header_timeout: float, funnel_read_header_timeout: float, accept_tailnet: bool,
                  accept_funnel: bool):
         self.address = address
-        self.app = app
         self.peer_check = peer_check
         self.metrics = metrics
         self.tls_context: ssl.SSLContext | None = None
-        self.read_header_timeout = read_header_timeout
-        self.funnel_read_header_timeout = funnel_read_header_timeout
         self.accept_tailnet = accept_tailnet
         self.accept_funnel = accept_funnel
+        self._handler = handler
+        self._timeouts = {TAILNET: read_header_timeout, FUNNEL: funnel_read_header_timeout}
+        self._servers: dict[str, FrontServer] = {}  # per kind of client, made in the running loop
         self._socket: socket.socket | None = None
         self.port = 0  # until bound
         self._accept_task: asyncio.Task | None = None
         self._admissions: set[asyncio.Task] = set()
-        self.connections: set[ServerConnection] = set()
         self._last_refusal_log = 0.0
 
     def bind(self) -> int:
@@ -83,6 +89,7 @@ class FrontListener:
         return self._accept_task is not None and not self._accept_task.done()
 
     def start(self) -> None:
+        self._servers = {kind: FrontServer(self._handler, timeout) for kind, timeout in self._timeouts.items()}
         self._accept_task = asyncio.create_task(self._accept_loop(), name=f"front-accept-{self.address}")
 
     async def stop_accepting(self) -> None:
@@ -133,16 +140,11 @@ class FrontListener:
             return
         tls = self.tls_context
         peer = Peer(str(header.source), header.source_port, provenance, tls is not None)
-        timeout = self.funnel_read_header_timeout if provenance == FUNNEL else self.read_header_timeout
-
-        def connection() -> ServerConnection:
-            served = ServerConnection(self.app, peer, timeout, on_closed=self.connections.discard)
-            self.connections.add(served)
-            return served
-
+        server = self._servers[provenance]
         try:
-            await loop.connect_accepted_socket(connection, conn, ssl=tls,
-                                               ssl_handshake_timeout=(timeout or 60.0) if tls else None)
+            await loop.connect_accepted_socket(lambda: server.connection(peer), conn, ssl=tls,
+                                               ssl_handshake_timeout=(self._timeouts[provenance] or 60.0)
+                                               if tls else None)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
             log.debug("TLS handshake with %s failed: %s", peer.address, exc)
             conn.close()
@@ -150,15 +152,7 @@ class FrontListener:
     async def shutdown(self, timeout: float) -> None:
         """Let the requests in flight finish (for up to `timeout`), close idle connections
         at once and every other one once its response is out; then cut off the rest."""
-        for connection in list(self.connections):
-            connection.close_after_response = True
-            if connection.idle:
-                connection.close()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.connections and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        for connection in list(self.connections):
-            connection.abort()
+        await asyncio.gather(*(server.drain(timeout) for server in self._servers.values()))
 
     def _refuse(self, conn: socket.socket, reason: str, message: str, level: int) -> None:
         conn.close()

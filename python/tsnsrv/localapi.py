@@ -14,12 +14,8 @@ import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
-import httptools
-
-from . import http1
-from .http1 import HeaderList
+import aiohttp
 
 HOST = "local-tailscaled.sock"
 
@@ -29,6 +25,9 @@ NOTIFY_INITIAL_PREFS = 1 << 2
 NOTIFY_INITIAL_NETMAP = 1 << 3
 NOTIFY_INITIAL_HEALTH = 1 << 7
 NOTIFY_RATE_LIMIT = 1 << 8
+
+# A restarted tailscaled leaves no pooled connection behind to fail on: one per request.
+_CONNECTOR_OPTIONS = {"force_close": True, "limit": 0}
 
 
 class LocalAPIError(Exception):
@@ -45,37 +44,35 @@ class TailscaledUnreachable(Exception):
 class LocalAPI:
     def __init__(self, socket_path: Path):
         self.socket_path = socket_path
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=str(self.socket_path), **_CONNECTOR_OPTIONS),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                skip_auto_headers=("User-Agent", "Accept-Encoding"), cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
 
     async def close(self) -> None:
-        """Nothing to close: every request has a connection of its own."""
+        if self._session is not None:
+            await self._session.close()
 
-    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        try:
-            async with asyncio.timeout(5):
-                return await asyncio.open_unix_connection(str(self.socket_path))
-        except (OSError, TimeoutError) as exc:
-            raise TailscaledUnreachable(f"tailscaled LocalAPI at {self.socket_path}: {exc}") from exc
-
-    async def _send(self, method: str, path: str, params: dict[str, str] | None, body: Any,
-                    headers: HeaderList | None) -> http1.ClientResponse:
-        target = "/localapi/v0/" + path + (f"?{urlencode(params)}" if params else "")
-        payload = b"" if body is None else json.dumps(body).encode()
-        try:
-            return await http1.request(self._open, method, target, HOST, headers, payload)
-        except (ConnectionError, OSError, httptools.HttpParserError) as exc:
-            raise TailscaledUnreachable(f"tailscaled LocalAPI at {self.socket_path}: {exc}") from exc
+    def _unreachable(self, exc: BaseException) -> TailscaledUnreachable:
+        return TailscaledUnreachable(f"tailscaled LocalAPI at {self.socket_path}: {exc}")
 
     async def _request(self, method: str, path: str, *, expect: tuple[int, ...] = (200,), timeout: float | None = 30,
                        params: dict[str, str] | None = None, json_body: Any = None,
-                       headers: HeaderList | None = None) -> tuple[int, bytes, http1.ClientResponse]:
-        async with asyncio.timeout(timeout):
-            response = await self._send(method, path, params, json_body, headers)
-            try:
-                body = await response.read()
-            except (ConnectionError, OSError, httptools.HttpParserError) as exc:
-                raise TailscaledUnreachable(f"tailscaled LocalAPI at {self.socket_path}: {exc}") from exc
-            finally:
-                response.close()
+                       headers: dict[str, str] | None = None) -> tuple[int, bytes, aiohttp.ClientResponse]:
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.session.request(method, f"http://{HOST}/localapi/v0/{path}", params=params,
+                                                data=None if json_body is None else json.dumps(json_body),
+                                                headers=headers) as response:
+                    body = await response.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._unreachable(exc) from exc
         if response.status not in expect:
             raise LocalAPIError(method, path, response.status, body.decode(errors="replace"))
         return response.status, body, response
@@ -113,10 +110,10 @@ class LocalAPI:
 
     async def serve_config(self) -> tuple[dict[str, Any], str]:
         _, body, response = await self._request("GET", "serve-config")
-        return (json.loads(body) or {}), (response.header(b"etag") or b"").decode()
+        return (json.loads(body) or {}), response.headers.get("ETag", "")
 
     async def set_serve_config(self, config: dict[str, Any], etag: str | None = None) -> None:
-        headers = [(b"If-Match", etag.encode())] if etag else []
+        headers = {"If-Match": etag} if etag else None
         await self._request("POST", "serve-config", json_body=config, headers=headers, expect=(200, 204))
 
     async def cert_pair(self, domain: str, min_validity_seconds: int) -> tuple[bytes, bytes]:
@@ -131,22 +128,21 @@ class LocalAPI:
 
     async def watch_ipn_bus(self, mask: int) -> AsyncIterator[dict[str, Any]]:
         """Notifications from tailscaled, one JSON object per line, until the stream ends."""
-        response = await self._send("GET", "watch-ipn-bus", {"mask": str(mask)}, None, None)
         try:
-            if response.status != 200:
-                raise LocalAPIError("GET", "watch-ipn-bus", response.status,
-                                    (await response.read()).decode(errors="replace"))
-            buffer = b""
-            async for chunk in response:
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
-                        yield json.loads(line)
-        except (ConnectionError, OSError, httptools.HttpParserError) as exc:
+            async with self.session.get(f"http://{HOST}/localapi/v0/watch-ipn-bus",
+                                        params={"mask": str(mask)}) as response:
+                if response.status != 200:
+                    raise LocalAPIError("GET", "watch-ipn-bus", response.status,
+                                        (await response.read()).decode(errors="replace"))
+                buffer = b""
+                async for chunk in response.content.iter_any():
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        if line.strip():
+                            yield json.loads(line)
+        except (aiohttp.ClientError, OSError) as exc:
             raise TailscaledUnreachable(f"tailscaled IPN bus at {self.socket_path}: {exc}") from exc
-        finally:
-            response.close()
 
 
 def daemon_credentials(socket_path: Path) -> tuple[int, int]:

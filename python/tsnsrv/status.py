@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httptools
+import aiohttp
 
-from . import http1
 from .paths import control_sockets_on_this_machine
 
 COLUMNS = ("SERVICE", "STATE", "TAILNET ADDRESS", "URL", "CERT EXPIRES", "UPSTREAM", "UPSTREAM OK")
@@ -25,14 +24,11 @@ COLUMNS = ("SERVICE", "STATE", "TAILNET ADDRESS", "URL", "CERT EXPIRES", "UPSTRE
 
 async def fetch_health(socket_path: Path) -> dict[str, Any]:
     try:
-        async with asyncio.timeout(8):
-            response = await http1.request(lambda: asyncio.open_unix_connection(str(socket_path)), "GET",
-                                           "/health?probe=1", "tsnsrv")
-            try:
-                return json.loads(await response.read())
-            finally:
-                response.close()
-    except (OSError, ConnectionError, TimeoutError, ValueError, httptools.HttpParserError) as exc:
+        async with asyncio.timeout(8), \
+                aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as session, \
+                session.get("http://tsnsrv/health?probe=1") as response:
+            return json.loads(await response.read())
+    except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return {"name": socket_path.parent.name, "ready": False, "status": f"not answering: {exc}",
                 "unreachable": True}
 

@@ -1,272 +1,175 @@
-"""Connections to the upstream: a pool of keep-alive HTTP/1.1 connections (TCP, TLS or a
-unix socket), each an asyncio protocol whose responses llhttp parses as they arrive.
+"""The upstream: one aiohttp `ClientSession` per service, tuned for relaying.
 
-A connection carries one exchange at a time. The proxy hands it a `ResponseHandler` and
-writes the request; the connection calls the handler back with 1xx heads, the response
-head, body chunks and trailers, or the failure. After a 101 it passes raw bytes.
+Keep-alive connections to the upstream (TCP, TLS or a unix socket) are aiohttp's pool;
+bodies are neither decompressed nor given headers the client did not send; the request
+target goes out exactly as it was checked. A connection the upstream refuses (it is
+restarting) is tried again for up to `upstreamRetryWindow`: nothing was sent yet, so
+any request may wait for it, whatever its method, with its body still unread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import errno
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any
+from urllib.parse import urlsplit
 
-import httptools
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
-from .http1 import WRITE_BUFFER_HIGH, HeaderList
+from .config import ServiceConfig
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-MAX_RESPONSE_HEAD = 10 << 20  # Go's http.Transport default for response headers
 IDLE_KEEPALIVE_SECONDS = 30.0
+MAX_RESPONSE_HEAD = 10 << 20  # Go's http.Transport default for response headers
+READ_BUFFER = 1 << 18  # response body aiohttp holds before it stops reading the upstream
+# An upstream that is restarting refuses connections (or its unix socket is missing).
+RESTARTING = frozenset({errno.ECONNREFUSED, errno.ENOENT})
+RETRY_FIRST_DELAY, RETRY_MAX_DELAY = 0.05, 1.0
+# Set where a refusal must be reported at once (the health probe), not waited out.
+_waits_for_restarts = contextvars.ContextVar("waits_for_restarts", default=True)
+
+# TLS 1.2 suites with forward secrecy only, as Go's crypto/tls offers by default
+# (Python's default list also offers plain-RSA key exchange). TLS 1.3 suites all have it.
+FORWARD_SECRET_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:ECDHE+AES:DHE+AES:!aNULL:!MD5:!DSS"
 
 
-class UpstreamProtocolError(Exception):
-    """The upstream sent something that is not a valid HTTP/1.1 response."""
+def upstream_ssl_context(cfg: ServiceConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cfg.upstream_ca_file) if cfg.upstream_ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.insecure_https:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_ciphers("ALL:@SECLEVEL=0" if cfg.upstream_allow_insecure_ciphers else FORWARD_SECRET_CIPHERS)
+    return context
 
 
-class ResponseHandler(Protocol):
-    def on_informational(self, status: int, reason: bytes, headers: HeaderList) -> None: ...
-    def on_head(self, status: int, reason: bytes, headers: HeaderList) -> None: ...
-    def on_body(self, chunk: bytes) -> None: ...
-    def on_end(self, trailers: HeaderList) -> None: ...
-    def on_upgraded(self, early: bytes) -> None: ...
-    def on_raw(self, data: bytes) -> None: ...
-    def on_error(self, exc: BaseException) -> None: ...
-    def on_upstream_writable(self, writable: bool) -> None: ...
+class FixedAddressResolver(AbstractResolver):
+    """Every upstream host name resolves to one configured address (--upstream-tcp-addr)."""
+
+    def __init__(self, host: str, port: int):
+        self._host, self._port = host, port
+        self._resolver = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[ResolveResult]:
+        results = await self._resolver.resolve(self._host, self._port, family)
+        return [{**result, "hostname": host} for result in results]
+
+    async def close(self) -> None:
+        await self._resolver.close()
 
 
-class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, pool: UpstreamPool):
-        self.pool = pool
-        self.transport: asyncio.Transport | None = None
-        self.handler: ResponseHandler | None = None
-        self.reusable = True
-        self.closed = False
-        self.writing_paused = False
-        self._parser = httptools.HttpResponseParser(self)
-        self._head_only = False  # the response to a HEAD request: no body follows its head
-        self._headers: HeaderList = []
-        self._trailers: HeaderList = []
-        self._head_size = 0
-        self._in_head = True
-        self._final = False
-        self._raw = False
-        self._idle_timer: asyncio.TimerHandle | None = None
-
-    # --- the exchange ----------------------------------------------------------------
-
-    def begin(self, handler: ResponseHandler, head_only: bool) -> None:
-        self.handler, self._head_only = handler, head_only
-        self._headers, self._trailers, self._head_size, self._in_head, self._final = [], [], 0, True, False
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    def writelines(self, parts: list[bytes]) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.writelines(parts)
-
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
-
-    def abort(self) -> None:
-        self.reusable = False
-        self.handler = None
-        if self.transport is not None:
-            self.transport.abort()
-
-    # --- asyncio.Protocol ------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        if self._raw:
-            if self.handler is not None:
-                self.handler.on_raw(data)
-            return
-        if self.handler is None:  # bytes on an idle connection: it cannot be trusted again
-            self.abort()
-            return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self._raw, self.reusable = True, False
-            handler = self.handler
-            if handler is not None:
-                handler.on_upgraded(data[upgrade.args[0]:])
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(str(exc.__context__ or exc)))
-
-    def eof_received(self) -> bool | None:
-        return None  # close: connection_lost follows, which ends a relayed session too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed, self.reusable = True, False
-        self.pool.forget(self)
-        handler, self.handler = self.handler, None
-        if handler is None:
-            return
-        if self._raw:
-            handler.on_end([])
-        elif not self._in_head and self._final and self._close_delimited():
-            handler.on_end(self._trailers)  # a body without length ends with the connection
-        else:
-            handler.on_error(exc or ConnectionResetError("the upstream closed the connection"))
-
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-        if self.handler is not None:
-            self.handler.on_upstream_writable(False)
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        if self.handler is not None:
-            self.handler.on_upstream_writable(True)
-
-    # --- httptools callbacks -------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._headers, self._head_size, self._in_head = [], 0, True
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            self._trailers.append((name, value))
-            return
-        self._headers.append((name, value))
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > MAX_RESPONSE_HEAD:
-            raise UpstreamProtocolError("response head over 10 MiB")
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason = reason
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        status = self._parser.get_status_code()
-        handler = self.handler
-        if handler is None:
-            return
-        if 100 <= status < 200 and status != 101:
-            handler.on_informational(status, getattr(self, "_reason", b""), self._headers)
-            self._in_head = True  # the final response is still to come
-            return
-        self._final = True
-        handler.on_head(status, getattr(self, "_reason", b""), self._headers)
-        if self._head_only and self.handler is not None:
-            # llhttp cannot be told that a HEAD response has no body: finish here, and
-            # do not reuse the connection, whose next bytes it would misread.
-            self.reusable = False
-            self.handler = None
-            handler.on_end([])
-
-    def on_body(self, body: bytes) -> None:
-        if self.handler is not None:
-            self.handler.on_body(body)
-
-    def on_message_complete(self) -> None:
-        if not self._final or self._parser.get_status_code() == 101:
-            return  # the end of a 1xx, or of the head before an upgrade: raw bytes follow
-        handler, self.handler = self.handler, None
-        self.reusable = self.reusable and bool(self._parser.should_keep_alive())
-        if handler is not None:
-            handler.on_end(self._trailers)
-
-    def _close_delimited(self) -> bool:
-        return not any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self._headers)
-
-    def _fail(self, exc: BaseException) -> None:
-        handler = self.handler
-        self.abort()
-        if handler is not None:
-            handler.on_error(exc)
-
-    def idle_since_release(self) -> None:
-        self._idle_timer = asyncio.get_running_loop().call_later(IDLE_KEEPALIVE_SECONDS, self._expire)
-
-    def _expire(self) -> None:
-        self._idle_timer = None
-        self.pool.forget(self)
-        if self.transport is not None:
-            self.transport.close()
+def _refused(exc: aiohttp.ClientConnectorError) -> bool:
+    return exc.os_error.errno in RESTARTING
 
 
-Connect = Callable[[Callable[[], UpstreamConnection]], Awaitable[tuple[asyncio.BaseTransport, UpstreamConnection]]]
+def _connector_class(base: type[aiohttp.BaseConnector], metrics: Metrics, retry_window: float) -> type:
+    """`base` that times new connections and waits out an upstream's restart.
+
+    Both where aiohttp opens a connection (`_create_connection`), rather than in a
+    TraceConfig, which would dispatch signals on every request and body chunk."""
+
+    said_at = [float("-inf")]
+
+    class Connector(base):  # type: ignore[valid-type, misc]
+        async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + retry_window
+            delay = RETRY_FIRST_DELAY
+            while True:
+                started = time.perf_counter()
+                try:
+                    protocol = await super()._create_connection(*args, **kwargs)
+                except aiohttp.ClientConnectorError as exc:
+                    remaining = give_up - loop.time()
+                    if not _refused(exc) or remaining <= 0 or not _waits_for_restarts.get():
+                        raise
+                    if loop.time() - said_at[0] > retry_window:  # once per restart, not per request
+                        said_at[0] = loop.time()
+                        log.warning("the upstream refused a connection (%s); requests wait up to %gs for it",
+                                    exc.os_error.strerror, retry_window)
+                    await asyncio.sleep(min(delay, remaining))
+                    delay = min(delay * 2, RETRY_MAX_DELAY)
+                    continue
+                metrics.upstream_connect.observe(time.perf_counter() - started)
+                return protocol
+
+    return Connector
 
 
-class UpstreamPool:
-    """Idle keep-alive connections, most recently used first; new ones on demand."""
-
-    def __init__(self, connect: Connect, connect_timeout: float, metrics: Metrics):
-        self._connect = connect
-        self._connect_timeout = connect_timeout or None
+class Upstream:
+    def __init__(self, cfg: ServiceConfig, metrics: Metrics):
+        self.cfg = cfg
         self._metrics = metrics
-        self._idle: list[UpstreamConnection] = []
-        self._open: set[UpstreamConnection] = set()
+        url = urlsplit(cfg.to_url)
+        self.netloc = url.netloc.rpartition("@")[2]  # credentials never go to the upstream
+        self.base_path = url.path
+        self.base_query = url.query
+        self._origin = f"{url.scheme}://{self.netloc}"
+        self._session: aiohttp.ClientSession | None = None
 
-    def take_idle(self) -> UpstreamConnection | None:
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.closed:
-                return connection
-        return None
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = self._make_session()
+        return self._session
 
-    async def connect(self) -> UpstreamConnection:
+    def _make_session(self) -> aiohttp.ClientSession:
+        cfg = self.cfg
+        options: dict[str, Any] = {"limit": 0, "keepalive_timeout": IDLE_KEEPALIVE_SECONDS}
+        if cfg.upstream_unix_addr is not None:
+            base: type[aiohttp.BaseConnector] = aiohttp.UnixConnector
+            options["path"] = str(cfg.upstream_unix_addr)
+        else:
+            base = aiohttp.TCPConnector
+            if cfg.upstream_tcp_addr is not None:
+                host, _, port = cfg.upstream_tcp_addr.rpartition(":")
+                options["resolver"] = FixedAddressResolver(host.strip("[]"), int(port))
+            if self._origin.startswith("https:"):
+                options["ssl"] = upstream_ssl_context(cfg)
+        connector = _connector_class(base, self._metrics, cfg.upstream_retry_window)(**options)
+        return aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # cookies belong to the clients, not to the proxy
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.upstream_connect_timeout or None),
+            read_bufsize=READ_BUFFER,
+            max_line_size=MAX_RESPONSE_HEAD,
+            max_field_size=MAX_RESPONSE_HEAD,
+            max_headers=MAX_RESPONSE_HEAD // 4,
+        )
+
+    def url(self, target: str) -> URL:
+        """The upstream URL of an origin-form target, which goes out byte for byte."""
+        return URL(self._origin + target, encoded=True)
+
+    def request(self, method: str, url: URL, headers: Any, body: Any) -> Any:
+        """Send a request; awaiting it gives the response once its head is in."""
+        return self.session.request(method, url, headers=headers, data=body, allow_redirects=False,
+                                    chunked=None, compress=None, expect100=False)
+
+    async def probe(self) -> dict[str, Any]:
+        """Does the upstream answer a HEAD of its base path (on a connection of its own)?"""
         started = time.perf_counter()
-        async with asyncio.timeout(self._connect_timeout):
-            _transport, connection = await self._connect(lambda: UpstreamConnection(self))
-        self._metrics.upstream_connect.observe(time.perf_counter() - started)
-        self._open.add(connection)
-        return connection
+        _waits_for_restarts.set(False)  # this task's own context: requests still wait
+        try:
+            async with asyncio.timeout(3):
+                async with self.session.head(self.url(self.base_path or "/"), allow_redirects=False,
+                                             headers={"Host": self.netloc, "Connection": "close"}) as response:
+                    status = response.status
+            return {"answers": True, "status": status, "latencyMs": round((time.perf_counter() - started) * 1000, 1)}
+        except Exception as exc:  # noqa: BLE001 - the probe reports any failure
+            reason = getattr(getattr(exc, "os_error", None), "strerror", None) or getattr(exc, "strerror", None)
+            return {"answers": False, "error": reason or str(exc) or type(exc).__name__}
 
-    def release(self, connection: UpstreamConnection) -> None:
-        if connection.closed or not connection.reusable or connection.handler is not None:
-            if not connection.closed:
-                connection.abort()
-            return
-        # Its last response may have ended while a slow client held its reads paused; idle,
-        # it must be read again: for the next response, and to notice the upstream closing it.
-        connection.resume_reading()
-        connection.idle_since_release()
-        self._idle.append(connection)
-
-    def forget(self, connection: UpstreamConnection) -> None:
-        self._open.discard(connection)
-        if connection in self._idle:
-            self._idle.remove(connection)
-
-    def close(self) -> None:
-        for connection in list(self._open):
-            connection.abort()
-        self._idle.clear()
-
-
-def connector(*, unix_path: str | None, host: str, port: int, ssl_context: ssl.SSLContext | None,
-              server_hostname: str | None) -> Connect:
-    """How the pool opens a connection to the upstream."""
-    loop_factory = asyncio.get_running_loop
-
-    async def connect(factory: Callable[[], UpstreamConnection]) -> tuple[asyncio.BaseTransport, UpstreamConnection]:
-        loop = loop_factory()
-        if unix_path is not None:
-            return await loop.create_unix_connection(factory, unix_path, ssl=ssl_context,
-                                                     server_hostname=server_hostname if ssl_context else None)
-        return await loop.create_connection(factory, host, port, ssl=ssl_context,
-                                            server_hostname=server_hostname if ssl_context else None)
-    return connect
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

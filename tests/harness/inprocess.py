@@ -1,7 +1,9 @@
-"""An in-process front listener for the unit tier: no tailnet, no tailscaled.
+"""An in-process front listener and proxy for the unit tier: no tailnet, no tailscaled.
 
 The peer check (sock_diag: "is this our tailscaled?") is replaced by a stand-in that
 admits or refuses, because that check is proved by the end-to-end hazard suite.
+Requests go over real loopback connections to aiohttp's server as tsnsrv sets it up
+(httpserver.FrontServer), so what a test reads is what a client would get.
 `tests/unit/conftest.py` turns these into fixtures.
 """
 
@@ -10,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import attrs
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from tsnsrv.front import FrontListener
-from tsnsrv.http1 import Exchange, Request
-from tsnsrv.proxy import Relay
+from tsnsrv.front import FrontListener, Peer
+from tsnsrv.httpserver import FrontServer
 from tsnsrv.metrics import Metrics
+from tsnsrv.proxy import Exchange
 
 HOST = "books.tail1234.ts.net"
 
@@ -34,10 +40,10 @@ class StandInPeerCheck:
         return self.reason
 
 
-def echo_peer(exchange: Exchange) -> None:
-    """An application that answers with who the front listener says the client is."""
-    exchange.respond(200, json.dumps({**attrs.asdict(exchange.peer), "path": exchange.request.target}).encode(),
-                     content_type=b"application/json")
+async def echo_peer(request: web.BaseRequest) -> web.Response:
+    """A handler that answers with who the front listener says the client is."""
+    peer = request.protocol.peer
+    return web.json_response({**attrs.asdict(peer), "path": request.raw_path})
 
 
 @attrs.define
@@ -94,38 +100,24 @@ def body(response: bytes) -> dict:
     return json.loads(payload)
 
 
-# --- the proxy without a front listener ---------------------------------------------
+# --- aiohttp's server as tsnsrv sets it up, without a front listener ---------------------
 
 
-class RecordingConnection:
-    """Stands in for an http1.ServerConnection: keeps what the application writes."""
+@asynccontextmanager
+async def served(handler, peer, idle_timeout: float = 5.0) -> AsyncIterator[int]:
+    """A loopback port where `handler` serves every connection as coming from `peer`."""
+    server = FrontServer(handler, idle_timeout)
+    listening = await asyncio.get_running_loop().create_server(lambda: server.connection(peer), "127.0.0.1", 0)
+    try:
+        yield listening.sockets[0].getsockname()[1]
+    finally:
+        listening.close()
+        await server.drain(1.0)
 
-    def __init__(self, peer):
-        self.peer = peer
-        self.written: list[bytes] = []
-        self.close_after_response = False
-        self.writing_paused = False
-        self.closed = False
-        self.finished: asyncio.Future | None = None  # set to wait for the exchange to finish
 
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def writelines(self, parts) -> None:
-        self.written.extend(parts)
-
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def close(self) -> None:
-        self.closed = True
-
-    def exchange_finished(self, _exchange) -> None:
-        if self.finished is not None and not self.finished.done():
-            self.finished.set_result(None)
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """Everything the server answers to `data` until it closes the connection."""
+    return await exchange(port, b"|" + data)
 
 
 @attrs.frozen
@@ -142,29 +134,16 @@ def parse_response(data: bytes) -> Recorded:
     return Recorded(int(status_line.split(" ")[1]), headers, payload.decode(errors="replace"))
 
 
-async def recorded_exchange(app, method: str, target: str, headers: dict[str, str], peer) -> Recorded:
-    """What `app` answers to one request without a body, from the bytes it writes."""
-    connection = RecordingConnection(peer)
-    connection.finished = asyncio.get_running_loop().create_future()
-    request = Request(method, target, "1.1", [(n.encode(), v.encode()) for n, v in headers.items()], True, False)
-    exchange = Exchange(connection, request)  # type: ignore[arg-type]
-    exchange._body_end()
-    app(exchange)
-    await asyncio.wait_for(connection.finished, 5)
-    return parse_response(b"".join(connection.written))
+async def recorded_exchange(handler, method: str, target: str, headers: dict[str, str], peer) -> Recorded:
+    """What `handler` answers to one request without a body."""
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    async with served(handler, peer) as port:
+        data = await raw_exchange(port, f"{method} {target} HTTP/1.1\r\n{head}Connection: close\r\n\r\n".encode())
+    return parse_response(data)
 
 
-@attrs.frozen
-class UpstreamHead:
-    request_line: str
-    headers: CIMultiDict
-
-
-def upstream_head_of(proxy, inbound: dict[str, str], peer, identity, target: str = "/") -> UpstreamHead:
-    """The request head `proxy` would send upstream for a GET from `peer` known as `identity`."""
-    request = Request("GET", target, "1.1", [(n.encode(), v.encode()) for n, v in inbound.items()], True, False)
-    relay = Relay(proxy, Exchange(RecordingConnection(peer), request))  # type: ignore[arg-type]
-    relay.identity = identity
-    head = proxy.upstream_head(relay, target, "").decode("latin-1")
-    request_line, *lines = head.rstrip("\r\n").split("\r\n")
-    return UpstreamHead(request_line, CIMultiDict(line.split(": ", 1) for line in lines))
+def upstream_headers_of(proxy, inbound: dict[str, str], peer, identity, target: str = "/") -> CIMultiDict:
+    """The headers `proxy` would send upstream for a GET from `peer` known as `identity`."""
+    exchange = Exchange(make_mocked_request("GET", target, headers=CIMultiDict(inbound)), peer)
+    exchange.identity = identity
+    return proxy.upstream_headers(exchange, None)

@@ -22,7 +22,6 @@ let
       "aiohttp"
       "attrs"
       "cattrs"
-      "httptools"
       "prometheus-client"
       "setuptools"
       "pytestCheckHook"

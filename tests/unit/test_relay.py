@@ -1,0 +1,121 @@
+"""How the proxy relays what an upstream sends (tsnsrv.proxy over aiohttp), against an
+upstream that writes scripted bytes on a real loopback socket: every framing arrives
+complete, and a body the upstream cuts short is never passed on as complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from tsnsrv.access import TAILNET
+from tsnsrv.config import load
+from tsnsrv.front import Peer
+from tsnsrv.metrics import Metrics
+from tsnsrv.proxy import WHOLE_BODY_LIMIT, Proxy
+
+from harness.inprocess import raw_exchange, served
+
+PEER = Peer("100.64.0.9", 1234, TAILNET, tls=False)
+BIG = WHOLE_BODY_LIMIT * 4  # past what is read whole: streamed
+
+
+def scripted(status_and_headers: bytes, body: bytes) -> bytes:
+    return b"HTTP/1.1 " + status_and_headers + b"\r\n\r\n" + body
+
+
+@pytest_asyncio.fixture
+async def upstream() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A loopback upstream that answers every connection with the next scripted answer
+    and then closes it; the test appends the answers."""
+    answers: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers.pop(0))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], answers
+    server.close()
+
+
+async def through_proxy(port: int, request: bytes = b"GET /x HTTP/1.1\r\nHost: books\r\nConnection: close\r\n\r\n"
+                        ) -> bytes:
+    cfg = load({"name": "books", "toURL": f"http://127.0.0.1:{port}", "upstreamRetryWindow": 0})
+    proxy = Proxy(cfg, None, Metrics())
+    try:
+        async with served(proxy.handle, PEER) as front:
+            return await raw_exchange(front, request)
+    finally:
+        await proxy.close()
+
+
+def dechunk(body: bytes) -> tuple[bytes, bool]:
+    """(the body, whether its last chunk came)"""
+    out = b""
+    while body:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return out, body == b"\r\n"
+        out, body = out + body[:size], body[size + 2:]
+    return out, False
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", [10, BIG])
+async def test_a_body_with_a_length_arrives_with_that_length(upstream, size):
+    port, answers = upstream
+    answers.append(scripted(b"200 OK\r\nContent-Length: %d" % size, b"x" * size))
+    head, _, body = (await through_proxy(port)).partition(b"\r\n\r\n")
+    assert b"Content-Length: %d" % size in head and body == b"x" * size
+
+
+@pytest.mark.asyncio
+async def test_a_close_delimited_body_arrives_whole_and_properly_ended(upstream):
+    port, answers = upstream
+    answers.append(scripted(b"200 OK", b"y" * BIG))
+    head, _, body = (await through_proxy(port)).partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert dechunk(body) == (b"y" * BIG, True)
+
+
+@pytest.mark.asyncio
+async def test_a_short_body_cut_before_its_length_is_a_502(upstream):
+    port, answers = upstream
+    answers.append(scripted(b"200 OK\r\nContent-Length: 100", b"z" * 50))
+    answer = await through_proxy(port)
+    assert answer.startswith(b"HTTP/1.1 502 ") and b"the upstream of books" in answer
+
+
+@pytest.mark.asyncio
+async def test_a_long_body_cut_before_its_length_cuts_the_client_off(upstream):
+    port, answers = upstream
+    answers.append(scripted(b"200 OK\r\nContent-Length: %d" % BIG, b"z" * (BIG // 2)))
+    head, _, body = (await through_proxy(port)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % BIG in head
+    assert len(body) < BIG  # the length betrays the cut
+
+
+@pytest.mark.asyncio
+async def test_a_chunked_body_cut_midway_never_gets_its_last_chunk(upstream):
+    port, answers = upstream
+    answers.append(scripted(b"200 OK\r\nTransfer-Encoding: chunked", b"%x\r\n" % BIG + b"w" * 100))
+    head, _, body = (await through_proxy(port)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    _, ended = dechunk(body) if body else (b"", False)
+    assert not ended
+
+
+@pytest.mark.asyncio
+async def test_a_head_response_keeps_its_length_and_has_no_body(upstream):
+    port, answers = upstream
+    answers.append(scripted(b"200 OK\r\nContent-Length: 1234", b""))
+    answer = await through_proxy(port, b"HEAD /x HTTP/1.1\r\nHost: books\r\nConnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Content-Length: 1234" in head and body == b""
