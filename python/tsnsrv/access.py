@@ -9,15 +9,18 @@ tsnsrv), so "/public/../admin" never reaches the upstream.
 An upstream does not always route the path it is sent the way Go would: Node's URL
 parser and browsers read "\" as "/", servlet containers drop ";params" from every
 segment (so "/x/..;/admin" is "/admin" to Tomcat), Express matches routes regardless of
-case, and some stacks decode twice. A request passes only if every one of those readings
-(`routing_views`) passes: a deny prefix or rule that covers any reading refuses it, and
-an allow-list must hold for all of them. Requests that pass are forwarded unchanged.
+case, some stacks decode twice, and routers with format suffixes (Django REST framework,
+Rails) send "/api/admin.json" to the admin view. A request passes only if every one of
+those readings (`routing_views`) passes: a deny prefix or rule that covers any reading
+refuses it, and an allow-list must hold for all of them. Requests that pass are forwarded
+unchanged.
 """
 
 from __future__ import annotations
 
 import functools
 import posixpath
+import re
 from collections.abc import Sequence
 from urllib.parse import unquote
 
@@ -88,6 +91,7 @@ def routing_views(raw_path: str) -> frozenset[str]:
         readings |= {reading.replace("\\", "/") for reading in readings}
     if any(";" in reading for reading in readings):  # servlet containers' path parameters
         readings |= {_without_path_parameters(reading) for reading in readings}
+    readings |= {_without_format_suffix(reading) for reading in readings}
     return frozenset(clean_path(reading) for reading in readings)
 
 
@@ -95,9 +99,21 @@ def _without_path_parameters(path: str) -> str:
     return "/".join(segment.partition(";")[0] for segment in path.split("/"))
 
 
+def _without_format_suffix(path: str) -> str:
+    """The path a format-suffix router dispatches on: "/api/admin.json" (also with a
+    trailing slash) is "/api/admin"."""
+    trimmed = path[:-1] if path.endswith("/") else path
+    head, slash, last = trimmed.rpartition("/")
+    base, dot, _suffix = last.rpartition(".")
+    return head + slash + base if dot and base else path
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def has_control_characters(path: str) -> bool:
     """NUL, CR, LF and friends: no web path has them, and some stacks cut the path there."""
-    return any(ord(char) < 0x20 or ord(char) == 0x7F for char in path)
+    return _CONTROL.search(path) is not None
 
 
 @attrs.frozen

@@ -74,7 +74,7 @@ def join_url_path(base: str, raw_path: str) -> str:
 
 def _valid_target(path: str) -> bool:
     """Whether `path` can go on a request line as it is (no spaces, controls or non-ASCII)."""
-    return path.isascii() and all(0x20 < ord(char) < 0x7F for char in path)
+    return path.isascii() and path.isprintable() and " " not in path
 
 
 def connection_tokens(value: str | None) -> frozenset[str]:

@@ -1,6 +1,7 @@
 """Deny prefixes and access rules hold for every spelling a real upstream routes to the
-denied area: Node (Express, and its URL parser), Go net/http, aiohttp and Tomcat each
-decide for themselves, as real upstreams behind tsnsrv, which area a request reached.
+denied area: Node (Express, and its URL parser), Go net/http, aiohttp, Django REST
+framework (format suffixes) and Tomcat each decide for themselves, as real upstreams
+behind tsnsrv, which area a request reached.
 
 Each stack is first asked directly (from the host) so the test shows, per stack, the
 spellings its router maps onto a protected area; then the same bytes go through tsnsrv
@@ -35,6 +36,7 @@ def spellings(area: str) -> list[str]:
         f"/api/%2e%2e/api/{area}", f"/api/public/%2e%2e/{area}", f"/api/public/..%2f{area}",
         f"/api%2f{area}", f"/api/%{ord(area[0]):02x}{area[1:]}", f"/api/%25{ord(area[0]):02x}{area[1:]}",
         f"/api//{area}", f"/api/./{area}", f"/api/{area}%2f", f"/api/{area}#x", f"/api/{area}%00",
+        f"/api/{area}.json", f"/api/{area}.json/", f"/API/{upper}.api", f"/api/{area}%2ejson",  # format suffixes
     ]
 
 
@@ -42,7 +44,7 @@ PROTECTED_ROUTES = {f"route={area}" for area in PROTECTED}
 ALL_SPELLINGS = [spelling for area in PROTECTED for spelling in spellings(area)]
 # What each stack's router does differently from Go's, seen directly (asserted below).
 QUIRK = {"express": "/API/admin", "node-url": "/api\\admin", "tomcat": "/api/admin;x",
-         "go": "/api/%61dmin", "python": "/api/%61dmin"}
+         "go": "/api/%61dmin", "python": "/api/%61dmin", "drf": "/api/admin.json"}
 
 
 @pytest.fixture(scope="module", params=STACKS)
@@ -82,5 +84,7 @@ def test_ordinary_spellings_of_allowed_areas_still_work(stack, laptop):
         targets.append("/api/public;jsessionid=0123ABC")  # URL-rewritten sessions of servlet apps
     if upstream.stack == "express":
         targets.append("/api/Public")
+    if upstream.stack == "drf":
+        targets.append("/api/public.json")
     through = raw_get(laptop.run, sys.executable, service.ip, 80, targets)
     assert through == [(200, "route=public")] * len(targets), list(zip(targets, through))

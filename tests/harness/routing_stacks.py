@@ -1,5 +1,5 @@
 """Real upstream routing stacks (Node with Express and with its URL parser, Go net/http,
-Python aiohttp, Java/Tomcat),
+Python aiohttp, Django REST framework with format suffixes, Java/Tomcat),
 each serving the same four areas under /api, so tests can see which area a request
 spelling really reaches on each, with the stack's own router deciding.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from .processes import ManagedProcess, free_port, wait_for
 
 SOURCES = Path(__file__).with_name("routing")
-STACKS = ("express", "node-url", "go", "python", "tomcat")
+STACKS = ("express", "node-url", "go", "python", "drf", "tomcat")
 AREAS = ("admin", "secret", "ops", "public")
 
 TOMCAT_VERSION = "11.0.27"
@@ -85,6 +85,8 @@ def stack_argv(stack: str, port: int) -> list[str]:
     """The command that serves `stack` on 127.0.0.1:port, built first if needed."""
     if stack == "python":
         return [sys.executable, str(SOURCES / "server.py"), str(port)]
+    if stack == "drf":  # Django and DRF are test dependencies (python/pyproject.toml)
+        return [sys.executable, str(SOURCES / "server_drf.py"), str(port)]
     if stack == "node-url":
         return [_require("node", stack), str(SOURCES / "url-server.js"), str(port)]
     out = _build_dir() / stack

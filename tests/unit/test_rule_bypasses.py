@@ -82,6 +82,9 @@ def test_a_deny_prefix_with_a_trailing_slash_covers_the_bare_directory():
     ("/api/x/..;/admin", "/api/admin"),        # Tomcat drops ";" and then resolves ".."
     ("/api/public\\..\\admin", "/api/admin"),
     ("/api/%2561dmin", "/api/admin"),          # decoded twice
+    ("/api/admin.json", "/api/admin"),         # format suffixes (Django REST framework, Rails)
+    ("/api/admin.json/", "/api/admin"),
+    ("/api/admin%2ejson", "/api/admin"),
 ])
 def test_routing_views_include_what_upstreams_route_to(raw, reading):
     assert reading in routing_views(raw)
@@ -89,15 +92,22 @@ def test_routing_views_include_what_upstreams_route_to(raw, reading):
 
 def test_an_ordinary_path_has_one_reading():
     assert routing_views("/api/public/books") == {"/api/public/books"}
+    assert routing_views("/.well-known/") == {"/.well-known/"}  # a dot file has no format suffix
+
+
+def test_only_the_last_suffix_of_the_last_segment_is_a_format():
+    assert routing_views("/v1.2/app.tar.gz") == {"/v1.2/app.tar.gz", "/v1.2/app.tar"}
 
 
 @pytest.mark.parametrize("raw", ["/api\\admin", "/API/admin", "/api/Admin/x", "/api/admin;jsessionid=1",
-                                 "/api/x/..;/admin", "/api/%2561dmin", "/api/public\\..\\admin"])
+                                 "/api/x/..;/admin", "/api/%2561dmin", "/api/public\\..\\admin",
+                                 "/api/admin.json", "/API/Admin.json/", "/api/admin.api"])
 def test_a_deny_prefix_holds_for_every_spelling(raw):
     assert not PathPolicy.from_config([], ["/api/admin"], True).decide(raw, "tailnet").allowed
 
 
-@pytest.mark.parametrize("raw", ["/api/admin;x", "/API/ADMIN", "/api\\admin", "/api/public/..;/admin"])
+@pytest.mark.parametrize("raw", ["/api/admin;x", "/API/ADMIN", "/api\\admin", "/api/public/..;/admin",
+                                 "/api/admin.json"])
 def test_identity_rules_hold_for_every_spelling(raw):
     rules = AccessPolicy.from_rules([AccessRule.parse("deny /api/admin user:alice"),
                                      AccessRule.parse("allow /api/ops tag:ci")])
@@ -111,6 +121,8 @@ def test_an_allow_list_must_hold_for_every_reading():
     assert policy.decide("/public/file;v=2", "tailnet").allowed
     assert not policy.decide("/public/..;/admin", "tailnet").allowed
     assert not policy.decide("/public\\..\\admin", "tailnet").allowed
+    assert policy.decide("/public/app.min.js", "tailnet").allowed
+    assert not policy.decide("/public.json", "tailnet").allowed
 
 
 def test_control_characters_are_spotted():
