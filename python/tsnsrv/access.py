@@ -71,6 +71,8 @@ def path_has_prefix(path: str, prefix: str) -> bool:
 
 def clean_path(path: str) -> str:
     """Go's path.Clean, keeping a trailing slash: what a well-formed request path looks like."""
+    if path.startswith("/") and "//" not in path and "/." not in path:
+        return path  # no empty, "." or ".." segment: clean already (most requests)
     if not path.startswith("/"):
         path = "/" + path
     cleaned = posixpath.normpath(path)
@@ -82,8 +84,12 @@ def clean_path(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def routing_views(raw_path: str) -> frozenset[str]:
-    """Every clean path that a common upstream stack may route the raw request path to."""
+def routing_views(raw_path: str, format_suffixes: bool = True) -> frozenset[str]:
+    """Every clean path that a common upstream stack may route the raw request path to.
+
+    Without `format_suffixes`, the readings of format-suffix routers are left out: what a
+    refusal must cover, but not what an allow-list needs, since a suffix never leaves the
+    directory it is in (and "/v1.0/" must stay inside an allowed "/v1.0")."""
     decoded = unquote(raw_path)
     # Stacks that decode twice (or pass "%2e%2e" on to code that decodes again).
     readings = {decoded, unquote(decoded)} if "%" in decoded else {decoded}
@@ -91,7 +97,8 @@ def routing_views(raw_path: str) -> frozenset[str]:
         readings |= {reading.replace("\\", "/") for reading in readings}
     if any(";" in reading for reading in readings):  # servlet containers' path parameters
         readings |= {_without_path_parameters(reading) for reading in readings}
-    readings |= {_without_format_suffix(reading) for reading in readings}
+    if format_suffixes:
+        readings |= {_without_format_suffix(reading) for reading in readings}
     return frozenset(clean_path(reading) for reading in readings)
 
 
@@ -104,8 +111,8 @@ def _without_format_suffix(path: str) -> str:
     trailing slash) is "/api/admin"."""
     trimmed = path[:-1] if path.endswith("/") else path
     head, slash, last = trimmed.rpartition("/")
-    base, dot, _suffix = last.rpartition(".")
-    return head + slash + base if dot and base else path
+    base, dot, suffix = last.rpartition(".")
+    return head + slash + base if base and suffix else path
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
@@ -136,12 +143,12 @@ class PathPolicy:
     def decide(self, raw_path: str, provenance: str) -> PathDecision:
         if not self.deny and not self.allow:
             return PathDecision(True, raw_path)
-        views = routing_views(raw_path)
         for prefix in self.deny:
-            if any(prefix.covers(view, provenance) for view in views):
+            if any(prefix.covers(view, provenance) for view in routing_views(raw_path)):
                 return PathDecision(False, reason=f"path is under deny prefix {prefix}")
         if not self.allow:
             return PathDecision(True, raw_path)
+        views = routing_views(raw_path, format_suffixes=False)
         for prefix in self.allow:
             # Every reading must be under the prefix, and the raw path must carry it
             # literally too, so that stripping it is exact.
@@ -222,6 +229,9 @@ class AccessDecision:
     unavailable: bool = False  # refused because identity could not be looked up (try again later)
 
 
+NO_RULE_APPLIES = AccessDecision(True, "no rule applies")
+
+
 @attrs.frozen
 class AccessPolicy:
     rules: tuple[tuple[AccessRule, Prefix], ...]
@@ -234,8 +244,8 @@ class AccessPolicy:
                identity_unavailable: bool = False) -> AccessDecision:
         """Refused if any reading of the path (`routing_views`) is refused."""
         if not self.rules:
-            return AccessDecision(True, "no rule applies")
-        decision = AccessDecision(True, "no rule applies")
+            return NO_RULE_APPLIES
+        decision = NO_RULE_APPLIES
         for view in sorted(routing_views(raw_path)):
             decision = self._decide_view(view, provenance, identity, identity_unavailable)
             if not decision.allowed:

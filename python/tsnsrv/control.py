@@ -20,7 +20,7 @@ import prometheus_client
 from aiohttp import web
 
 from . import __version__
-from .httpserver import PlainResponse, plain_response
+from .httpserver import WholeResponse, plain_response
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -114,13 +114,13 @@ class ControlServer:
     async def _answer(self, request: web.BaseRequest, with_health: bool) -> web.StreamResponse:
         path = request.raw_path.partition("?")[0]
         if path == "/metrics":
-            return PlainResponse(body=self.metrics.exposition(),
+            return WholeResponse(body=self.metrics.exposition(),
                                  headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
         if path == "/health" and with_health:
             body = self.health.as_json()
             if "probe" in request.query:
                 body["upstream"].update(await self.probe_upstream())
-            return PlainResponse(status=200 if self.health.ready else 503, text=json.dumps(body),
+            return WholeResponse(status=200 if self.health.ready else 503, text=json.dumps(body),
                                  content_type="application/json")
         return plain_response(404, "404 Not Found")
 

@@ -157,12 +157,13 @@ class CoalescedResponse(ProxyResponse):
     _send_headers_immediately = False
 
 
-class PlainResponse(_AddsNothing, web.Response):
-    """A whole response tsnsrv answers itself (a refusal, an error page, a redirect)."""
+class WholeResponse(_AddsNothing, web.Response):
+    """A whole response, its head and body in one write: a page of ours (a refusal, an
+    error, a redirect), or an upstream's short body read at once."""
 
 
-def plain_response(status: int, text: str = "", headers: Any = None) -> PlainResponse:
+def plain_response(status: int, text: str = "", headers: Any = None) -> WholeResponse:
     """A short text/plain page (none for an empty text)."""
     if not text:
-        return PlainResponse(status=status, headers=headers)
-    return PlainResponse(status=status, text=text + "\n", content_type="text/plain", headers=headers)
+        return WholeResponse(status=status, headers=headers)
+    return WholeResponse(status=status, text=text + "\n", content_type="text/plain", headers=headers)

@@ -19,20 +19,19 @@ from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from .access import AccessPolicy, Identity, PathPolicy, clean_path, has_control_characters
 from .config import ServiceConfig
 from .front import Peer
-from .httpserver import CoalescedResponse, ProxyResponse, plain_response
+from .httpserver import CoalescedResponse, ProxyResponse, WholeResponse, plain_response
 from .identity import IdentityUnavailable, WhoisCache, is_spoofable, serve_headers, tsnsrv_headers
+from .logs import AccessLog
 from .metrics import Metrics
 from .upstream import Upstream
 from .websocket import RawRelay
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("tsnsrv.access")
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
@@ -119,6 +118,8 @@ class Proxy:
         self.upstream = Upstream(cfg, metrics)
         self._send_identity = not cfg.suppress_whois
         self._extra_headers = list(cfg.upstream_headers.items())
+        self._extra_names = {name.lower() for name in cfg.upstream_headers}
+        self._access_log = AccessLog.if_enabled() if cfg.access_log else None
         self._timeouts = (cfg.upstream_response_header_timeout, cfg.upstream_idle_timeout)
         self.websockets: set[RawRelay] = set()
 
@@ -139,7 +140,7 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(request, request.protocol.peer)  # type: ignore[attr-defined]
-        self.metrics.requests_in_flight.inc()
+        self.metrics.requests.in_flight += 1
         try:
             return await self._serve(exchange)
         except asyncio.CancelledError:  # the client went away (aiohttp cancels the handler)
@@ -152,32 +153,32 @@ class Proxy:
     async def _serve(self, exchange: Exchange) -> web.StreamResponse:
         request, peer = exchange.request, exchange.peer
         if request.method == "CONNECT":
-            return await self._refuse(exchange, 405, "method", "CONNECT is not proxied", "405 Method Not Allowed")
+            return self._refuse(exchange, 405, "method", "CONNECT is not proxied", "405 Method Not Allowed")
         if request.method == "OPTIONS" and request.raw_path == "*":
-            return await self._answer(exchange, 200)  # about the server itself, as Go's net/http answers it
+            return self._answer(exchange, 200)  # about the server itself, as Go's net/http answers it
         target = origin_form(request.raw_path)
         if target is None:
-            return await self._refuse(exchange, 400, "target", f"request target {request.raw_path[:100]!r} is not a "
+            return self._refuse(exchange, 400, "target", f"request target {request.raw_path[:100]!r} is not a "
                                       "path", "400 Bad Request: the request target must be a path.")
         path_and_query, exchange.authority = target
         raw_path, _, raw_query = path_and_query.partition("?")
         decoded = unquote(raw_path)
         if has_control_characters(decoded):
-            return await self._refuse(exchange, 400, "target", f"request path {raw_path[:100]!r} has control "
+            return self._refuse(exchange, 400, "target", f"request path {raw_path[:100]!r} has control "
                                       "characters", "400 Bad Request: the request path has control characters.")
         clean = clean_path(decoded)
         if clean != decoded:
             # 308, not 301: a POST must stay a POST.
             exchange.note = "redirected to clean path"
             location = quote(clean) + ("?" + raw_query if raw_query else "")
-            return await self._answer(exchange, 308, headers={"Location": location})
+            return self._answer(exchange, 308, headers={"Location": location})
         decision = self.paths.decide(raw_path, peer.provenance)
         if not decision.allowed:
-            return await self._refuse(exchange, 404, "prefix", decision.reason, "404 Not Found")
+            return self._refuse(exchange, 404, "prefix", decision.reason, "404 Not Found")
         upstream = self.upstream
         path = join_url_path(upstream.base_path, decision.upstream_raw_path)
         if not _valid_target(path):  # exactly the path that was checked, or nothing
-            return await self._refuse(exchange, 400, "target", f"request path {path[:100]!r} is not a valid path",
+            return self._refuse(exchange, 400, "target", f"request path {path[:100]!r} is not a valid path",
                                       "400 Bad Request: the request target is not a valid path.")
 
         identity_unavailable = False
@@ -191,15 +192,16 @@ class Proxy:
                     identity_unavailable = True
         access = self.access.decide(raw_path, peer.provenance, exchange.identity, identity_unavailable)
         if access.unavailable:
-            return await self._refuse(exchange, 503, "identity_unavailable", access.reason,
+            return self._refuse(exchange, 503, "identity_unavailable", access.reason,
                                       f"503 Service Unavailable: {self.cfg.name} could not check who you are; "
                                       "try again.")
         if not access.allowed:
-            return await self._refuse(exchange, 403, "access_rule", access.reason,
+            return self._refuse(exchange, 403, "access_rule", access.reason,
                                       f"403 Forbidden: {self._who(exchange)} may not use {self.cfg.name} here.")
 
-        query = "&".join(part for part in (upstream.base_query, raw_query) if part)
-        url = upstream.url(path + (f"?{query}" if query else ""))
+        query = f"{upstream.base_query}&{raw_query}" if upstream.base_query and raw_query else \
+            upstream.base_query or raw_query
+        url = upstream.url(path + "?" + query if query else path)
         upgrade = request.headers.get("Upgrade")
         websocket = upgrade is not None and upgrade.lower() == "websocket" and \
             "upgrade" in connection_tokens(request.headers.get("Connection"))
@@ -211,43 +213,38 @@ class Proxy:
             return "A public (Funnel) client"
         return exchange.identity.describe() if exchange.identity else f"Client {exchange.peer.address}"
 
-    def upstream_headers(self, exchange: Exchange, upgrade: str | None) -> CIMultiDict[str]:
-        """The client's headers minus hop-by-hop and spoofable ones, plus ours."""
+    def upstream_headers(self, exchange: Exchange, upgrade: str | None) -> list[tuple[str, str]]:
+        """The client's headers minus hop-by-hop and spoofable ones, plus ours (as pairs:
+        aiohttp makes its multidict of them in one go)."""
         request, peer, cfg = exchange.request, exchange.peer, self.cfg
         inbound = request.headers
-        dropped = connection_tokens(inbound.get("Connection"))
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in inbound.items():
-            lower = name.lower()
-            if lower in NOT_FORWARDED or lower in dropped or is_spoofable(lower):
-                continue
-            headers.add(name, value)
+        connection = inbound.get("Connection")
+        dropped = connection_tokens(connection) if connection else ()
+        headers = [(name, value) for name, value in inbound.items()
+                   if (lower := name.lower()) not in NOT_FORWARDED and lower not in dropped
+                   and not is_spoofable(lower)]
         host = exchange.authority or inbound.get("Host", "")
         scheme = "https" if peer.tls else "http"
-        headers["Host"] = host if cfg.recommended_proxy_headers else self.upstream.netloc
-        headers["X-Forwarded-For"] = peer.address
-        headers["X-Forwarded-Host"] = host
-        headers["X-Forwarded-Proto"] = scheme
+        address = peer.address
+        headers += [("Host", host if cfg.recommended_proxy_headers else self.upstream.netloc),
+                    ("X-Forwarded-For", address), ("X-Forwarded-Host", host), ("X-Forwarded-Proto", scheme)]
         if cfg.recommended_proxy_headers:
             server, sep, port = host.rpartition(":")
             if not sep or not port.isdigit() or host.endswith("]"):
                 server, port = host, ""
-            headers["X-Scheme"] = scheme
-            headers["X-Real-Ip"] = peer.address
-            headers["X-Forwarded-Server"] = server
+            headers += [("X-Scheme", scheme), ("X-Real-Ip", address), ("X-Forwarded-Server", server)]
             if port:
-                headers["X-Forwarded-Port"] = port
+                headers.append(("X-Forwarded-Port", port))
         if self._send_identity:
             identity = exchange.identity
             if identity is not None and "tsnsrv" in cfg.identity_headers:
-                headers.extend(tsnsrv_headers(identity))
+                headers += tsnsrv_headers(identity)
             if "serve" in cfg.identity_headers:
-                headers.extend(serve_headers(identity, peer.is_funnel, cfg.app_capabilities))
-        for name, value in self._extra_headers:  # configured headers win over the client's and ours
-            headers[name] = value
+                headers += serve_headers(identity, peer.is_funnel, cfg.app_capabilities)
+        if self._extra_headers:  # configured headers win over the client's and ours
+            headers = [pair for pair in headers if pair[0].lower() not in self._extra_names] + self._extra_headers
         if upgrade is not None:
-            headers["Connection"] = "Upgrade"
-            headers["Upgrade"] = upgrade
+            headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
         return headers
 
     # --- relaying ----------------------------------------------------------------
@@ -259,7 +256,7 @@ class Proxy:
         limits = [t for t in (header_timeout if waiting_for_head else 0.0, idle_timeout) if t]
         return asyncio.get_running_loop().time() + min(limits) if limits else None
 
-    async def _relay(self, exchange: Exchange, url: URL, headers: CIMultiDict[str],
+    async def _relay(self, exchange: Exchange, url: URL, headers: list[tuple[str, str]],
                      websocket: bool) -> web.StreamResponse:
         request = exchange.request
         body = request.body_exists
@@ -272,19 +269,19 @@ class Proxy:
                     upstream = await self.upstream.request(
                         request.method, url, headers, self._upload(exchange, deadline) if body else None)
                 except Exception as exc:  # noqa: BLE001 - every failure maps to a 502/504 page
-                    return await self._upstream_failed(exchange, exc, deadline)
-                self.metrics.upstream_response.observe(time.perf_counter() - sent)
+                    return self._upstream_failed(exchange, exc, deadline)
+                self.metrics.requests.upstream_heads.observe(time.perf_counter() - sent)
                 deadline.reschedule(self._deadline(waiting_for_head=False))
                 if upstream.status == 101:
                     if not websocket:  # only a websocket upgrade is asked for, and relayed
-                        return await self._upstream_failed(exchange, UpstreamProtocolError(
+                        return self._upstream_failed(exchange, UpstreamProtocolError(
                             "101 Switching Protocols unasked"), deadline)
                     return await self._relay_websocket(exchange, upstream)
                 return await self._relay_response(exchange, upstream, deadline)
         except TimeoutError:
             if not deadline.expired():
                 raise
-            return await self._upstream_failed(exchange, UpstreamTimeout("no bytes moved within the timeout"),
+            return self._upstream_failed(exchange, UpstreamTimeout("no bytes moved within the timeout"),
                                                deadline)
         finally:
             if upstream is not None:
@@ -307,32 +304,31 @@ class Proxy:
     async def _relay_response(self, exchange: Exchange, upstream: aiohttp.ClientResponse,
                               deadline: asyncio.Timeout) -> web.StreamResponse:
         request = exchange.request
-        dropped = connection_tokens(upstream.headers.get("Connection"))
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in upstream.headers.items():
-            lower = name.lower()
-            if lower not in NOT_RETURNED and lower not in dropped:
-                headers.add(name, value)
+        upstream_headers = upstream.headers
+        connection = upstream_headers.get("Connection")
+        dropped = connection_tokens(connection) if connection else ()
+        headers = [(name, value) for name, value in upstream_headers.items()
+                   if (lower := name.lower()) not in NOT_RETURNED and lower not in dropped]
         status, reason, length = upstream.status, upstream.reason, upstream.content_length
+        exchange.status = status
         if request.method == "HEAD" or status in (204, 304):
             if length is not None:
-                headers["Content-Length"] = str(length)
+                headers.append(("Content-Length", str(length)))
             upstream.release()
-            return await self._send(exchange, CoalescedResponse(status=status, reason=reason, headers=headers), b"")
+            return WholeResponse(status=status, reason=reason, headers=headers)
         if length is not None and length <= WHOLE_BODY_LIMIT:
             try:
                 body = await upstream.read()
             except (aiohttp.ClientError, ConnectionError) as exc:
-                return await self._upstream_failed(exchange, exc, deadline)
+                exchange.status = 0
+                return self._upstream_failed(exchange, exc, deadline)
             upstream.release()
-            response = CoalescedResponse(status=status, reason=reason, headers=headers)
-            response.content_length = len(body)
-            return await self._send(exchange, response, body)
+            exchange.bytes_out = len(body)
+            return WholeResponse(status=status, reason=reason, headers=headers, body=body)
         response = (ProxyResponse if length is None else CoalescedResponse)(status=status, reason=reason,
                                                                             headers=headers)
         if length is not None:
             response.content_length = length
-        exchange.status = status
         content, idle = upstream.content, self._timeouts[1]
         try:
             await response.prepare(request)
@@ -340,8 +336,7 @@ class Proxy:
                 try:
                     chunk = await content.readany()
                 except (aiohttp.ClientError, ConnectionError) as exc:
-                    self._cut_off(exchange, exc)
-                    return response
+                    return self._cut_off(exchange, exc)
                 if not chunk:
                     break
                 exchange.bytes_out += len(chunk)
@@ -356,8 +351,7 @@ class Proxy:
 
     async def _relay_websocket(self, exchange: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         request = exchange.request
-        headers: CIMultiDict[str] = CIMultiDict(
-            (name, value) for name, value in upstream.headers.items() if name.lower() != "content-length")
+        headers = [(name, value) for name, value in upstream.headers.items() if name.lower() != "content-length"]
         response = ProxyResponse(status=101, reason=upstream.reason, headers=headers)
         response.force_close()  # the connection is the session's now
         exchange.status = 101
@@ -389,34 +383,21 @@ class Proxy:
 
     # --- refusals, failures and the end of an exchange ------------------------------
 
-    async def _send(self, exchange: Exchange, response: web.StreamResponse, body: bytes | None) -> web.StreamResponse:
-        """A whole response, head and body in one write; a page of ours (`body` None)
-        carries its own body."""
-        exchange.status = response.status
-        try:
-            await response.prepare(exchange.request)
-            if body is None:
-                body = response.body  # type: ignore[attr-defined]
-                await response.write_eof()
-            else:
-                await response.write_eof(body)
-        except ConnectionError:
-            exchange.status = 499
-            return response
+    def _answer(self, exchange: Exchange, status: int, text: str = "",
+                headers: dict[str, str] | None = None) -> web.StreamResponse:
+        """A page of ours, which aiohttp sends once the handler returns it."""
+        response = plain_response(status, text, headers)
+        exchange.status = status
         if exchange.request.method != "HEAD":
-            exchange.bytes_out += len(body or b"")
+            exchange.bytes_out = response.content_length or 0
         return response
 
-    async def _answer(self, exchange: Exchange, status: int, text: str = "",
-                      headers: dict[str, str] | None = None) -> web.StreamResponse:
-        return await self._send(exchange, plain_response(status, text, headers), None)
-
-    async def _refuse(self, exchange: Exchange, status: int, reason: str, why: str, page: str) -> web.StreamResponse:
+    def _refuse(self, exchange: Exchange, status: int, reason: str, why: str, page: str) -> web.StreamResponse:
         exchange.note = why
         self.metrics.denied.labels(reason).inc()
         log.info("denied %s %s from %s: %s", exchange.request.method, exchange.request.raw_path[:200],
                  self._who(exchange), why)
-        return await self._answer(exchange, status, page)
+        return self._answer(exchange, status, page)
 
     def _failure(self, exc: BaseException) -> tuple[int, str, str]:
         """(status, kind, what went wrong) of an upstream failure, counted."""
@@ -433,8 +414,8 @@ class Proxy:
         self.metrics.upstream_failed(kind)
         return status, kind, what
 
-    async def _upstream_failed(self, exchange: Exchange, exc: BaseException,
-                               deadline: asyncio.Timeout) -> web.StreamResponse:
+    def _upstream_failed(self, exchange: Exchange, exc: BaseException,
+                         deadline: asyncio.Timeout) -> web.StreamResponse:
         if not deadline.expired():
             deadline.reschedule(None)  # the page goes out whatever the timeouts say
         if exchange.status:
@@ -444,7 +425,7 @@ class Proxy:
         request = exchange.request
         log.warning("%s: upstream %s for %s %s: %s", self.cfg.name, kind, request.method, request.raw_path[:200], exc)
         reason = "Gateway Timeout" if status == 504 else "Bad Gateway"
-        return await self._answer(exchange, status, f"{status} {reason}: the upstream of {self.cfg.name} {what}.")
+        return self._answer(exchange, status, f"{status} {reason}: the upstream of {self.cfg.name} {what}.")
 
     def _cut_off(self, exchange: Exchange, exc: BaseException) -> web.StreamResponse:
         """The upstream failed after the head went out: all we can do is cut the client off
@@ -458,20 +439,15 @@ class Proxy:
         return web.StreamResponse(status=exchange.status)
 
     def _finish(self, exchange: Exchange) -> None:
-        metrics = self.metrics
-        metrics.requests_in_flight.dec()
         status = exchange.status or 499
         duration = time.perf_counter() - exchange.started
-        metrics.observe_response(status, exchange.peer.provenance, duration)
-        if exchange.bytes_in:
-            metrics.bytes_from_clients.inc(exchange.bytes_in)
-        if exchange.bytes_out:
-            metrics.bytes_to_clients.inc(exchange.bytes_out)
-        if self.cfg.access_log:
-            self._log(exchange, status, duration)
+        self.metrics.request_finished(status, exchange.peer.provenance, duration, exchange.bytes_in,
+                                      exchange.bytes_out)
+        if self._access_log is not None:
+            self._log(self._access_log, exchange, status, duration)
 
     @staticmethod
-    def _log(exchange: Exchange, status: int, duration: float) -> None:
+    def _log(access_log: AccessLog, exchange: Exchange, status: int, duration: float) -> None:
         identity, peer = exchange.identity, exchange.peer
         client = "funnel" if peer.is_funnel else (identity.user if identity and identity.user else "-")
         fields: list[tuple[str, Any]] = [
@@ -484,4 +460,4 @@ class Proxy:
             fields.append(("tags", ",".join(identity.node_tags)))
         if exchange.note:
             fields.append(("note", exchange.note))
-        access_log.info("request", extra={"fields": fields})
+        access_log.write(fields)

@@ -19,11 +19,11 @@ def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) ->
     return metrics.registry.get_sample_value(name, labels or {})
 
 
-def test_observe_response_feeds_both_series_sets():
+def test_finished_requests_feed_both_series_sets():
     m = Metrics()
-    m.observe_response(200, "tailnet", 0.25)
-    m.observe_response(204, "tailnet", 0.5)
-    m.observe_response(404, "funnel", 0.001)
+    m.request_finished(200, "tailnet", 0.25, 0, 0)
+    m.request_finished(204, "tailnet", 0.5, 0, 0)
+    m.request_finished(404, "funnel", 0.001, 0, 0)
     assert sample(m, "tsnsrv_responses_total", {"status_class": "2xx", "source": "tailnet"}) == 2
     assert sample(m, "tsnsrv_responses_total", {"status_class": "4xx", "source": "funnel"}) == 1
     assert sample(m, "tsnsrv_request_duration_seconds_count", {"source": "tailnet"}) == 2
@@ -37,8 +37,8 @@ def test_observe_response_feeds_both_series_sets():
 
 def test_client_gone_499_and_5xx_classes():
     m = Metrics()
-    m.observe_response(499, "tailnet", 1.0)
-    m.observe_response(502, "tailnet", 1.0)
+    m.request_finished(499, "tailnet", 1.0, 0, 0)
+    m.request_finished(502, "tailnet", 1.0, 0, 0)
     assert sample(m, "tsnsrv_response_status_classes", {"status_code_class": "4xx"}) == 1
     assert sample(m, "tsnsrv_response_status_classes", {"status_code_class": "5xx"}) == 1
 
@@ -55,7 +55,7 @@ def test_upstream_failures_count_in_both_sets():
 
 def test_exposition_uses_the_go_tsnsrv_sample_names():
     m = Metrics()
-    m.observe_response(200, "tailnet", 0.1)
+    m.request_finished(200, "tailnet", 0.1, 0, 0)
     m.upstream_failed("reset")
     text = m.exposition().decode()
     lines = text.splitlines()
@@ -67,7 +67,7 @@ def test_exposition_uses_the_go_tsnsrv_sample_names():
 
 def test_each_service_has_its_own_registry():
     a, b = Metrics(), Metrics()
-    a.observe_response(200, "tailnet", 0.1)
+    a.request_finished(200, "tailnet", 0.1, 0, 0)
     assert sample(a, "tsnsrv_request_duration_ns_count") == 1
     assert sample(b, "tsnsrv_request_duration_ns_count") == 0
 
@@ -84,7 +84,7 @@ def test_exposition_parses_and_names_every_series_once():
 def test_go_compatible_series_are_declared_under_their_sample_names():
     """Prometheus ignores TYPE/HELP lines that name no sample; the Go names must keep theirs."""
     m = Metrics()
-    m.observe_response(200, "tailnet", 0.1)
+    m.request_finished(200, "tailnet", 0.1, 0, 0)
     m.upstream_failed("reset")
     text = m.exposition().decode()
     for name in ("tsnsrv_response_status_classes", "tsnsrv_proxy_errors"):
@@ -93,3 +93,21 @@ def test_go_compatible_series_are_declared_under_their_sample_names():
         assert f"# TYPE {name}_total" not in text, name
     assert 'tsnsrv_response_status_classes{status_code_class="2xx"} 1.0' in text
     assert "tsnsrv_proxy_errors 1.0" in text.splitlines()
+
+
+def test_requests_in_flight_and_body_bytes():
+    m = Metrics()
+    m.requests.in_flight += 2  # two requests started (the proxy counts them in)
+    m.request_finished(200, "tailnet", 0.01, 10, 2048)
+    assert sample(m, "tsnsrv_requests_in_flight") == 1
+    assert sample(m, "tsnsrv_request_bytes_total") == 10
+    assert sample(m, "tsnsrv_response_bytes_total") == 2048
+
+
+def test_request_duration_buckets_are_cumulative_with_bounds_inclusive():
+    m = Metrics()
+    for seconds in (0.001, 0.002, 0.3, 400):
+        m.request_finished(200, "tailnet", seconds, 0, 0)
+    bucket = {le: sample(m, "tsnsrv_request_duration_seconds_bucket", {"source": "tailnet", "le": le})
+              for le in ("0.001", "0.0025", "0.25", "0.5", "300.0", "+Inf")}
+    assert bucket == {"0.001": 1, "0.0025": 2, "0.25": 2, "0.5": 3, "300.0": 3, "+Inf": 4}

@@ -93,6 +93,7 @@ def test_routing_views_include_what_upstreams_route_to(raw, reading):
 def test_an_ordinary_path_has_one_reading():
     assert routing_views("/api/public/books") == {"/api/public/books"}
     assert routing_views("/.well-known/") == {"/.well-known/"}  # a dot file has no format suffix
+    assert routing_views("/v1./") == {"/v1./"}  # nor a name that ends in a dot
 
 
 def test_only_the_last_suffix_of_the_last_segment_is_a_format():
@@ -123,6 +124,8 @@ def test_an_allow_list_must_hold_for_every_reading():
     assert not policy.decide("/public\\..\\admin", "tailnet").allowed
     assert policy.decide("/public/app.min.js", "tailnet").allowed
     assert not policy.decide("/public.json", "tailnet").allowed
+    versioned = PathPolicy.from_config(["/v1.0"], [], True)  # a suffix reading never leaves the directory
+    assert versioned.decide("/v1.0", "tailnet").allowed and versioned.decide("/v1.0/", "tailnet").allowed
 
 
 def test_control_characters_are_spotted():

@@ -35,6 +35,7 @@ def not_found(request, tail=""):
 areas = []
 for area in ("admin", "secret", "ops", "public"):
     areas += [path(f"api/{area}", area_view(area).as_view()),
+              path(f"api/{area}/", area_view(area).as_view()),
               path(f"api/{area}/<path:tail>", area_view(area).as_view())]
 urlpatterns = format_suffix_patterns(areas) + [re_path(r"^(?P<tail>.*)$", not_found)]
 
