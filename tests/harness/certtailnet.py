@@ -13,7 +13,7 @@ a private mount namespace whose /etc/resolv.conf names a recording resolver on t
 tailnet's harness address (not on host loopback, which other test sessions may be
 using and where the loopback guard allows tailscaled UDP only).
 
-Everything listens on that one harness address (198.19.B.1, the host side of the
+Everything listens on that one harness address (198.19.B.9, the host side of the
 laptop's namespace): headscale with its DERP and STUN, pebble, the resolver, and the
 stand-in Funnel relay's public side.
 """
@@ -57,7 +57,8 @@ class CertTailnet:
         test account) must read or run."""
         self.bin_dir, self.cert_bin_dir, self.dir, self.shared_dir = bin_dir, cert_bin_dir, workdir, shared_dir
         block = os.getpid() % 250 + 1
-        self.netns = NetworkNamespace(f"tsc{os.getpid()}", f"198.19.{block}.1", f"198.19.{block}.2")
+        # .8/30 of the block: the bench takes .0/30 of the same 198.19.x.0/24, the systemd tier .4/30.
+        self.netns = NetworkNamespace(f"tsc{os.getpid()}", f"198.19.{block}.9", f"198.19.{block}.10")
         self.ip = self.netns.host_ip
         self.resolv_conf = shared_dir / "resolv.conf"
         self._resolver: LoopbackResolver | None = None
