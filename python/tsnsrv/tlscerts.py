@@ -163,16 +163,17 @@ class TailscaleCertificates:
 
     async def fetch(self, current: LoadedCertificate | None, now: dt.datetime) -> tuple[bytes, bytes, str]:
         name = self.domain()
-        renewing = current is not None and now >= current.renew_at
-        min_validity = math.ceil((current.not_after - current.renew_at).total_seconds() + RENEWAL_SLACK) \
-            if current is not None and renewing else 0
+        renewing = current if current is not None and now >= current.renew_at else None
+        # Past the renewal point, ask for more than is left: tailscaled then renews before answering.
+        min_validity = 0 if renewing is None else \
+            math.ceil((renewing.not_after - renewing.renew_at).total_seconds() + RENEWAL_SLACK)
         try:
             key_pem, cert_pem = await self.cert_pair(name, min_validity)
         except self.unavailable as exc:
             raise CertificateUnavailable(f"tailscaled could not get a certificate for {name}: {exc}") from None
-        if renewing and current is not None and cert_pem == current.cert_pem:
+        if renewing is not None and cert_pem == renewing.cert_pem:
             raise CertificateUnavailable(f"tailscaled did not renew the certificate for {name}, valid until "
-                                         f"{current.not_after.isoformat()}")
+                                         f"{renewing.not_after.isoformat()}")
         return cert_pem, key_pem, f"tailscaled (certificate for {name})"
 
     def next_check(self, current: LoadedCertificate, now: dt.datetime) -> float:
