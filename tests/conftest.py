@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from harness import janitor
+from harness.certtailnet import CertTailnet
 from harness.headscale import Headscale, start_headscale
+from harness.pebble import Pebble
 from harness.processes import STARTED, free_port
 from harness.tailnet import ClientDevice, NetworkNamespace, SocksClient, TailscaleNode
 from harness.tsnsrv import Tsnsrv, ensure_tailscaled_test_user
@@ -57,12 +59,23 @@ def _note_processes(request: pytest.FixtureRequest) -> None:
     request.node._first_process = len(STARTED)
 
 
+def _built_by(script: str, what: str) -> Path:
+    """The cache directory a build script of scripts/ prints (it builds only once)."""
+    result = subprocess.run([str(REPO / "scripts" / script)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"could not build {what}:\n{result.stderr}")
+    return Path(result.stdout.strip())
+
+
 @pytest.fixture(scope="session")
 def bin_dir() -> Path:
-    result = subprocess.run([str(REPO / "scripts" / "tailnet-binaries")], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"could not build the tailnet binaries:\n{result.stderr}")
-    return Path(result.stdout.strip())
+    return _built_by("tailnet-binaries", "the tailnet binaries")
+
+
+@pytest.fixture(scope="session")
+def cert_bin_dir() -> Path:
+    """pebble and the patched headscale of the certificate tailnet."""
+    return _built_by("cert-test-binaries", "pebble and the patched headscale")
 
 
 @pytest.fixture(scope="session")
@@ -207,4 +220,36 @@ def module_tsnsrv(bin_dir: Path, headscale: Headscale, tailscaled_user: str | No
     """Like make_tsnsrv, for services that every test of a module shares."""
     factory = TsnsrvFactory(bin_dir, headscale, service_root, clients)
     yield factory
+    factory.stop_all()
+
+
+# --- the certificate tailnet: real HTTPS certificates and Funnel (harness/certtailnet.py) ---
+
+
+@pytest.fixture(scope="session")
+def cert_tailnet(bin_dir: Path, cert_bin_dir: Path, service_root: Path, tailscaled_user: str | None,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[CertTailnet]:
+    if os.geteuid() != 0:
+        pytest.fail("the certificate tailnet needs root (network namespaces, a resolver on port 53)")
+    shared = service_root / "cert-tailnet"
+    shared.mkdir(mode=0o755)
+    tailnet = CertTailnet(bin_dir, cert_bin_dir, tmp_path_factory.mktemp("cert-tailnet"), shared)
+    try:
+        yield tailnet.start()
+    finally:
+        tailnet.close()
+
+
+@pytest.fixture
+def cert_tsnsrv(bin_dir: Path, cert_tailnet: CertTailnet, service_root: Path,
+                tailscaled_user: str | None) -> Iterator[Any]:
+    """Starts `tsnsrv` with HTTPS on the certificate tailnet: cert_tsnsrv("name", upstream_url, *flags,
+    pebble=None (the session's CA), auth_key="alice" (or a key), start=True, ...)."""
+    assert cert_tailnet.headscale is not None and cert_tailnet.laptop is not None
+    factory = TsnsrvFactory(bin_dir, cert_tailnet.headscale, service_root, [cert_tailnet.laptop.node])
+
+    def make(name: str, upstream_url: str, *flags: str, pebble: Pebble | None = None, **options: Any) -> Tsnsrv:
+        return factory(name, upstream_url, *flags, plaintext=False, **cert_tailnet.service_options(pebble),
+                       **options)
+    yield make
     factory.stop_all()

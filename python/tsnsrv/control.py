@@ -49,6 +49,7 @@ class Health:
     accepting: bool = False
     certificate_not_after: dt.datetime | None = None
     certificate_source: str = ""
+    certificate_error: str = ""  # why the last attempt to get or renew the certificate failed
     stopping: bool = False
     started: float = attrs.field(factory=time.time)
 
@@ -91,7 +92,7 @@ class Health:
                      "url": self.url, "warnings": self.warnings},
             "serve": {"configured": self.serve_config, "port": self.listen_port, "funnel": self.funnel,
                       "front": self.front, "accepting": self.accepting, "peerCheck": self.peer_check},
-            "tls": {"mode": self.tls_mode, "source": self.certificate_source,
+            "tls": {"mode": self.tls_mode, "source": self.certificate_source, "error": self.certificate_error or None,
                     "notAfter": expiry.isoformat() if expiry else None,
                     "secondsLeft": round((expiry - dt.datetime.now(dt.timezone.utc)).total_seconds())
                     if expiry else None},

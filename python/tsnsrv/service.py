@@ -39,7 +39,8 @@ from .peercheck import PeerLookupError, TailscaledPeerCheck, unfinished_connecti
 from .proxy import Proxy
 from .systemd import Notifier
 from .tailscaled import SpawnedTailscaled, StateDirLock, TailscaledStartError
-from .tlscerts import CertificateError, CertificateKeeper, LoadedCertificate, file_loader, localapi_loader
+from .tlscerts import (CertificateError, CertificateKeeper, CertificateUnavailable, FileCertificates, LoadedCertificate,
+                       TailscaleCertificates)
 
 log = logging.getLogger("tsnsrv")
 
@@ -47,6 +48,9 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 DELIVERY_GRACE_SECONDS = 5.0
 LOGIN_WAIT_EXTENSION_SECONDS = 90.0
 MAX_BACKOFF = 30.0
+# Waiting for a first certificate that tailscaled cannot get yet: retry this often, doubling
+# up to the longest, gently on the CA (Let's Encrypt limits new orders per account).
+CERTIFICATE_RETRY_FIRST, CERTIFICATE_RETRY_LONGEST = 5.0, 300.0
 
 
 def _first_untraversable(directory: Path, account: pwd.struct_passwd) -> Path | None:
@@ -401,9 +405,9 @@ class Service:
         cfg = self.cfg
         if cfg.plaintext:
             return
+        source: FileCertificates | TailscaleCertificates
         if cfg.certificate_file is not None and cfg.certificate_key is not None:
-            loader = file_loader(cfg.certificate_file, cfg.certificate_key)
-            interval = 300.0
+            source = FileCertificates(cfg.certificate_file, cfg.certificate_key)
         else:
             info = self.node.info
             assert info is not None
@@ -412,11 +416,28 @@ class Service:
                     f"TLS: the control server offers no HTTPS certificate for {info.dns_name or 'this node'} "
                     "(headscale cannot issue them; on Tailscale enable HTTPS in the admin console). "
                     "Use --plaintext, or --cert-file/--key-file with your own certificate.")
-            loader = localapi_loader(self.api.cert_pair, lambda: self.node.info.dns_name)  # type: ignore[union-attr]
-            interval = 3600.0
-        self.certificates = CertificateKeeper(loader, self._certificate_changed)
-        await self.certificates.refresh()
-        self._tasks.append(asyncio.create_task(self.certificates.run(interval)))
+            node = self.node
+            source = TailscaleCertificates(self.api.cert_pair, lambda: node.info.dns_name if node.info else "",
+                                           unavailable=(LocalAPIError, TimeoutError))
+        self.certificates = CertificateKeeper(source, self._certificate_changed, self._certificate_problem)
+        await self._first_certificate(self.certificates)
+        self._tasks.append(asyncio.create_task(self.certificates.run()))
+
+    async def _first_certificate(self, keeper: CertificateKeeper) -> None:
+        """Until tailscaled has a certificate for us: not ready, saying why, retrying with backoff."""
+        delay = CERTIFICATE_RETRY_FIRST
+        while True:
+            try:
+                await keeper.refresh()
+                return
+            except CertificateUnavailable as exc:
+                log.error("TLS: %s; not ready, trying again in %.0fs", exc, delay)
+                self.notifier.status(f"not ready: no TLS certificate yet: {exc}"[:200])
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CERTIFICATE_RETRY_LONGEST)
+
+    def _certificate_problem(self, problem: str | None) -> None:
+        self.health.certificate_error = problem or ""
 
     def _certificate_changed(self, loaded: LoadedCertificate) -> None:
         for listener in self.forwards.values():

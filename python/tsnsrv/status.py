@@ -40,7 +40,11 @@ def _state(health: dict[str, Any]) -> str:
         return "serving"
     node = health.get("node", {}).get("state", "?")
     tailscaled = health.get("tailscaled", {}).get("state", "?")
-    return f"{node} (tailscaled {tailscaled})" if tailscaled != "running" else str(node)
+    if tailscaled != "running":
+        return f"{node} (tailscaled {tailscaled})"
+    if health.get("tls", {}).get("error") and not health.get("tls", {}).get("notAfter"):
+        return f"{node}, no certificate"  # /health's tls.error says why
+    return str(node)
 
 
 def _expiry(health: dict[str, Any]) -> str:
@@ -49,8 +53,17 @@ def _expiry(health: dict[str, Any]) -> str:
         return "plaintext"
     if not tls.get("notAfter"):
         return "-"
-    days = (tls.get("secondsLeft") or 0) / 86400
-    return f"{dt.datetime.fromisoformat(tls['notAfter']):%Y-%m-%d} ({days:.0f}d)"
+    return f"{dt.datetime.fromisoformat(tls['notAfter']):%Y-%m-%d} ({_time_left(tls.get('secondsLeft') or 0)})"
+
+
+def _time_left(seconds: float) -> str:
+    """Days, or finer for short-lived certificates (hours, minutes, seconds)."""
+    if seconds <= 0:
+        return "expired"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _upstream_ok(health: dict[str, Any]) -> str:

@@ -1,8 +1,21 @@
-"""TLS for the front listener: the node's *.ts.net certificate from the LocalAPI, or files.
+"""TLS for the front listener: the node's certificate from tailscaled (LocalAPI), or files.
 
-Certificates are renewed (or re-read, for files that ACME rewrites) in the
-background and swapped in for new connections; open connections keep the context
-they started with.
+Certificates are renewed (or re-read, for files that ACME rewrites) in the background
+and swapped in for new connections; open connections keep the context they started
+with.
+
+When to renew. tailscaled's LocalAPI hands out its cached certificate, and renews it
+first (synchronously) when it is asked for `min_validity` longer than what is left.
+Asking for a fixed 14 days, as tsnsrv did, makes every call issue a new certificate once
+certificates are shorter than that (public CAs are moving to 6-day certificates), until
+the CA's rate limits refuse. So tsnsrv renews once two thirds of the certificate's
+lifetime have passed -- the rule tailscaled's own background renewal and Let's Encrypt
+follow -- by asking for a third of the lifetime (plus a second) then. Before that point
+it asks without `min_validity`, which returns the cached certificate (or one tailscaled
+renewed by itself, e.g. because the CA's renewal information said so), so a restart
+never waits for the CA while a valid certificate is cached. It looks at least every
+hour and again just after the renewal point; a failed renewal is retried after a tenth
+of the time left (between 5 s and an hour), serving the current certificate meanwhile.
 """
 
 from __future__ import annotations
@@ -11,19 +24,24 @@ import asyncio
 import base64
 import datetime as dt
 import logging
+import math
 import os
 import ssl
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 
 log = logging.getLogger(__name__)
 
-# Ask tailscaled for a certificate valid at least this long; it renews when less is left.
-MIN_VALIDITY = dt.timedelta(days=14)
-CHECK_INTERVAL = 3600.0
+RENEW_AFTER = 2 / 3         # of the certificate's lifetime
+CHECK_INTERVAL = 3600.0     # longest wait between asking tailscaled
+FILE_CHECK_INTERVAL = 300.0  # re-read certificate files this often (besides SIGHUP)
+RETRY_FRACTION = 0.1        # after a failed renewal, wait this fraction of the time left
+RETRY_MIN, RETRY_MAX = 5.0, 3600.0
+RENEWAL_SLACK = 1.0         # seconds past the renewal point, so that tailscaled sees less than asked for left
 
 
 class CertificateError(Exception):
@@ -41,8 +59,8 @@ def _der_element(data: bytes, offset: int) -> tuple[int, int, int]:
     return tag, offset, offset + length
 
 
-def certificate_not_after(pem: bytes) -> dt.datetime:
-    """Expiry of the first certificate in a PEM chain (X.509 validity.notAfter)."""
+def certificate_validity(pem: bytes) -> tuple[dt.datetime, dt.datetime]:
+    """(notBefore, notAfter) of the first certificate in a PEM chain (X.509 validity)."""
     text = pem.decode("ascii", errors="replace")
     try:
         body = text.split("-----BEGIN CERTIFICATE-----", 1)[1].split("-----END CERTIFICATE-----", 1)[0]
@@ -54,13 +72,18 @@ def certificate_not_after(pem: bytes) -> dt.datetime:
         for _ in range(3):                                # serialNumber, signature, issuer
             position = _der_element(der, position)[2]
         _, validity, _ = _der_element(der, position)
-        not_before_end = _der_element(der, validity)[2]
-        tag, start, end = _der_element(der, not_before_end)
-        stamp = der[start:end].decode("ascii")
-        layout = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime or GeneralizedTime
-        return dt.datetime.strptime(stamp, layout).replace(tzinfo=dt.timezone.utc)
+        not_before = _der_time(der, validity)
+        not_after = _der_time(der, _der_element(der, validity)[2])
+        return not_before, not_after
     except (IndexError, ValueError) as exc:
-        raise CertificateError(f"cannot read the certificate's expiry: {exc}") from None
+        raise CertificateError(f"cannot read the certificate's validity: {exc}") from None
+
+
+def _der_time(der: bytes, offset: int) -> dt.datetime:
+    tag, start, end = _der_element(der, offset)
+    stamp = der[start:end].decode("ascii")
+    layout = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime or GeneralizedTime
+    return dt.datetime.strptime(stamp, layout).replace(tzinfo=dt.timezone.utc)
 
 
 def server_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
@@ -83,55 +106,126 @@ def server_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
 @attrs.define
 class LoadedCertificate:
     context: ssl.SSLContext
+    not_before: dt.datetime
     not_after: dt.datetime
     source: str
+    cert_pem: bytes
+
+    @property
+    def renew_at(self) -> dt.datetime:
+        return self.not_before + (self.not_after - self.not_before) * RENEW_AFTER
+
+    def retry_delay(self, now: dt.datetime) -> float:
+        """Seconds to wait after a failed renewal: a tenth of the time left, within bounds."""
+        left = (self.not_after - now).total_seconds()
+        return min(RETRY_MAX, max(RETRY_MIN, left * RETRY_FRACTION))
 
 
-CertificateLoader = Callable[[], Awaitable[tuple[bytes, bytes, str]]]  # -> cert PEM, key PEM, description
+class CertificateUnavailable(Exception):
+    """tailscaled could not get a certificate now (the CA is unreachable or refused); worth retrying."""
+
+
+class CertificateSource(Protocol):
+    async def fetch(self, current: LoadedCertificate | None, now: dt.datetime) -> tuple[bytes, bytes, str]:
+        """The certificate chain and key PEM to serve next, and where they came from."""
+
+    def next_check(self, current: LoadedCertificate, now: dt.datetime) -> float:
+        """Seconds until the source should be asked again."""
+
+
+@attrs.frozen
+class FileCertificates:
+    """The operator's certificate files (e.g. from NixOS's security.acme), re-read periodically."""
+
+    cert_file: Path
+    key_file: Path
+
+    async def fetch(self, current: LoadedCertificate | None, now: dt.datetime) -> tuple[bytes, bytes, str]:
+        try:
+            return self.cert_file.read_bytes(), self.key_file.read_bytes(), str(self.cert_file)
+        except OSError as exc:
+            raise CertificateError(f"cannot read {exc.filename}: {exc.strerror}") from None
+
+    def next_check(self, current: LoadedCertificate, now: dt.datetime) -> float:
+        return FILE_CHECK_INTERVAL
+
+
+CertPair = Callable[[str, int], Awaitable[tuple[bytes, bytes]]]  # (domain, min_validity s) -> key PEM, cert PEM
+
+
+@attrs.frozen
+class TailscaleCertificates:
+    """The node's certificate from tailscaled, renewed at two thirds of its lifetime (see above)."""
+
+    cert_pair: CertPair
+    domain: Callable[[], str]
+    unavailable: tuple[type[Exception], ...] = ()  # the LocalAPI's "could not get one" errors
+
+    async def fetch(self, current: LoadedCertificate | None, now: dt.datetime) -> tuple[bytes, bytes, str]:
+        name = self.domain()
+        renewing = current if current is not None and now >= current.renew_at else None
+        # Past the renewal point, ask for more than is left: tailscaled then renews before answering.
+        min_validity = 0 if renewing is None else \
+            math.ceil((renewing.not_after - renewing.renew_at).total_seconds() + RENEWAL_SLACK)
+        try:
+            key_pem, cert_pem = await self.cert_pair(name, min_validity)
+        except self.unavailable as exc:
+            raise CertificateUnavailable(f"tailscaled could not get a certificate for {name}: {exc}") from None
+        if renewing is not None and cert_pem == renewing.cert_pem:
+            raise CertificateUnavailable(f"tailscaled did not renew the certificate for {name}, valid until "
+                                         f"{renewing.not_after.isoformat()}")
+        return cert_pem, key_pem, f"tailscaled (certificate for {name})"
+
+    def next_check(self, current: LoadedCertificate, now: dt.datetime) -> float:
+        until_renewal = (current.renew_at - now).total_seconds() + RENEWAL_SLACK
+        return min(CHECK_INTERVAL, max(0.0, until_renewal))
 
 
 class CertificateKeeper:
-    """Keeps a current server context and calls `on_change` whenever it is replaced."""
+    """Keeps a current server context from `source`; calls `on_change` whenever it is
+    replaced and `on_problem` with what went wrong (None once it works again)."""
 
-    def __init__(self, load: CertificateLoader, on_change: Callable[[LoadedCertificate], None]):
-        self._load = load
+    def __init__(self, source: CertificateSource, on_change: Callable[[LoadedCertificate], None],
+                 on_problem: Callable[[str | None], None] = lambda problem: None):
+        self.source = source
         self._on_change = on_change
+        self._on_problem = on_problem
         self.current: LoadedCertificate | None = None
-        self._fingerprint: bytes = b""
 
     async def refresh(self) -> LoadedCertificate:
-        cert_pem, key_pem, source = await self._load()
-        if self.current is not None and cert_pem == self._fingerprint:
+        try:
+            loaded = await self._refresh()
+        except (CertificateError, CertificateUnavailable) as exc:
+            self._on_problem(str(exc))
+            raise
+        self._on_problem(None)
+        return loaded
+
+    async def _refresh(self) -> LoadedCertificate:
+        cert_pem, key_pem, source = await self.source.fetch(self.current, _now())
+        if self.current is not None and cert_pem == self.current.cert_pem:
             return self.current
-        loaded = LoadedCertificate(server_context(cert_pem, key_pem), certificate_not_after(cert_pem), source)
-        self._fingerprint = cert_pem
+        not_before, not_after = certificate_validity(cert_pem)
+        loaded = LoadedCertificate(server_context(cert_pem, key_pem), not_before, not_after, source, cert_pem)
         self.current = loaded
-        log.info("serving TLS certificate from %s, valid until %s", source, loaded.not_after.isoformat())
+        log.info("serving TLS certificate from %s, valid until %s", source, not_after.isoformat())
         self._on_change(loaded)
         return loaded
 
-    async def run(self, interval: float = CHECK_INTERVAL) -> None:
+    async def run(self) -> None:
+        """Refresh from now on, as the source says; failures keep the current certificate."""
+        assert self.current is not None, "refresh() once before run()"
+        delay = self.source.next_check(self.current, _now())
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
             try:
-                await self.refresh()
+                current = await self.refresh()
+                delay = self.source.next_check(current, _now())
             except Exception as exc:  # noqa: BLE001 - keep serving the old certificate, and say so
-                log.warning("certificate renewal failed, still serving the current one: %s", exc)
+                delay = self.current.retry_delay(_now())
+                log.warning("certificate renewal failed, still serving the one valid until %s; retrying in %.0fs: "
+                            "%s", self.current.not_after.isoformat(), delay, exc)
 
 
-def file_loader(cert_file: Path, key_file: Path) -> CertificateLoader:
-    async def load() -> tuple[bytes, bytes, str]:
-        try:
-            return cert_file.read_bytes(), key_file.read_bytes(), str(cert_file)
-        except OSError as exc:
-            raise CertificateError(f"cannot read {exc.filename}: {exc.strerror}") from None
-    return load
-
-
-def localapi_loader(cert_pair: Callable[[str, int], Awaitable[tuple[bytes, bytes]]],
-                    domain: Callable[[], str]) -> CertificateLoader:
-    async def load() -> tuple[bytes, bytes, str]:
-        name = domain()
-        key_pem, cert_pem = await cert_pair(name, int(MIN_VALIDITY.total_seconds()))
-        return cert_pem, key_pem, f"tailscaled (certificate for {name})"
-    return load
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

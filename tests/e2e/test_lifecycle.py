@@ -32,6 +32,13 @@ def test_attach_mode_drives_a_running_tailscaled(make_tsnsrv, bin_dir, tmp_path_
         assert health["tailscaled"]["mode"] == "attach"
         assert health["tailscaled"]["pid"] == daemon.process.pid
         assert "attached" in headscale.node_names()
+
+        # An attached tailscaled outlives the service: left in place, its Serve config
+        # would forward tailnet clients to a front port that any local user could bind.
+        assert '"TCPForward"' in daemon.cli("serve", "status", "--json")
+        assert service.stop() == 0
+        assert daemon.cli("serve", "status", "--json").strip() == "{}"
+        assert "serve config removed" in service.log()
     finally:
         daemon.stop()
 

@@ -1,8 +1,8 @@
-"""A FAKE tailscaled LocalAPI, for what cannot exist offline: a node with an HTTPS
-certificate from Let's Encrypt and the Funnel capability.
+"""A FAKE tailscaled LocalAPI, for what a real one never does: hand out a certificate
+whose key does not fit it.
 
 It answers the few LocalAPI calls tsnsrv makes (status, prefs, the IPN bus, the Serve
-config, cert pairs, whois) on a unix socket, records what tsnsrv asked for, and lets the
+config, cert pairs, whois) on a unix socket, keeps the Serve config tsnsrv set, and lets the
 test play tailscaled's other half: since it runs in the test process, the test's own
 connections to the front listener come from "tailscaled" (SO_PEERCRED of this socket
 names the test process). It sits beside the real-tailnet suites, never instead of them.
@@ -22,23 +22,16 @@ from aiohttp import web
 
 from tsnsrv import proxyproto
 
-def funnel_capabilities(ports: str = "443,8443,10000") -> dict[str, Any]:
-    """The node attributes a tailnet policy grants with `nodeAttrs: [{"attr": ["funnel"]}]`."""
-    return {"funnel": None, "https": None, f"https://tailscale.com/cap/funnel-ports?ports={ports}": None}
-
 
 class FakeLocalAPI:
-    def __init__(self, socket_path: Path, name: str, cert_pem: bytes, key_pem: bytes,
-                 capabilities: dict[str, Any] | None = None):
+    def __init__(self, socket_path: Path, name: str, cert_pem: bytes, key_pem: bytes):
         self.socket_path = socket_path
         self.dns_name = f"{name}.fake-tailnet.ts.net"
         self.address = "100.100.7.7"
         self.cert_pem, self.key_pem = cert_pem, key_pem
-        self.capabilities = capabilities or {}
         self.prefs: dict[str, Any] = {"ControlURL": "https://controlplane.tailscale.com", "Hostname": name,
                                       "WantRunning": True}
         self.serve_config: dict[str, Any] = {}
-        self.cert_requests: list[dict[str, str]] = []
         self.identities: dict[str, dict[str, Any]] = {}  # tailnet address -> whois answer
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -51,7 +44,7 @@ class FakeLocalAPI:
             "BackendState": "Running", "HaveNodeKey": True, "TailscaleIPs": [self.address],
             "CertDomains": [self.dns_name],
             "Self": {"ID": "n-fake", "DNSName": self.dns_name + ".", "TailscaleIPs": [self.address],
-                     "CapMap": self.capabilities, "Online": True},
+                     "CapMap": {}, "Online": True},
         })
 
     async def _prefs(self, request: web.Request) -> web.Response:
@@ -74,7 +67,6 @@ class FakeLocalAPI:
         return web.json_response(self.serve_config, headers={"Etag": "fake"})
 
     async def _cert(self, request: web.Request) -> web.Response:
-        self.cert_requests.append({"domain": request.match_info["domain"], **request.query})
         return web.Response(body=self.key_pem + self.cert_pem, content_type="application/x-pem-file")
 
     async def _whois(self, request: web.Request) -> web.Response:

@@ -185,9 +185,10 @@ class Headscale:
         self.process.send_signal(signal.SIGHUP)
 
 
-def start_headscale(bin_dir: Path, host_ip: str, workdir: Path, policy: dict[str, Any] = ALLOW_ALL_POLICY) -> Headscale:
-    """A headscale on `host_ip` (free ports), started and healthy."""
-    server = Headscale(bin_dir / "headscale", workdir, host_ip, free_port(host_ip),
+def start_headscale(bin_dir: Path, host_ip: str, workdir: Path, policy: dict[str, Any] = ALLOW_ALL_POLICY,
+                    binary: Path | None = None) -> Headscale:
+    """A headscale on `host_ip` (free ports), started and healthy; `binary` replaces bin_dir's."""
+    server = Headscale(binary or bin_dir / "headscale", workdir, host_ip, free_port(host_ip),
                        free_port(host_ip, socket.SOCK_DGRAM))
     server.write_config(policy)
     return server.start()

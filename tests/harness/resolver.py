@@ -41,11 +41,11 @@ class RecordingResolver(BaseResolver):
 
 
 class LoopbackResolver:
-    """UDP and TCP on 127.0.0.1:53 (needs root)."""
+    """UDP and TCP on 127.0.0.1:53 (needs root), or on port 53 of another local `address`."""
 
-    def __init__(self, answers: dict[str, str]):
+    def __init__(self, answers: dict[str, str], address: str = "127.0.0.1"):
         self.resolver = RecordingResolver(answers)
-        self._servers = [DNSServer(self.resolver, address="127.0.0.1", port=53, tcp=tcp) for tcp in (False, True)]
+        self._servers = [DNSServer(self.resolver, address=address, port=53, tcp=tcp) for tcp in (False, True)]
 
     def start(self) -> LoopbackResolver:
         for server in self._servers:

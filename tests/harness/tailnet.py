@@ -85,7 +85,7 @@ class TailscaleNode:
     """
 
     def __init__(self, name: str, bin_dir: Path, workdir: Path, netns: NetworkNamespace | None = None,
-                 socks5_port: int | None = None):
+                 socks5_port: int | None = None, extra_args: Sequence[str] = ()):
         self.name = name
         self.bin_dir = bin_dir
         self.dir = workdir
@@ -97,6 +97,7 @@ class TailscaleNode:
                 "--port=0", "--no-logs-no-support"]
         if socks5_port is not None:
             argv.append(f"--socks5-server=127.0.0.1:{socks5_port}")
+        argv += extra_args
         if netns is not None:
             argv = netns.command(argv)
         self.process = ManagedProcess(f"tailscaled-{name}", argv, workdir / "tailscaled.log",

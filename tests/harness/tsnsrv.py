@@ -63,15 +63,16 @@ class Tsnsrv:
 
     def __init__(self, name: str, upstream: str, workdir: Path, bin_dir: Path, headscale: Headscale | None,
                  auth_key: str | None, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 plaintext: bool = True, login_server: str | None = None, command_prefix: Sequence[str] = ()):
+                 plaintext: bool = True, login_server: str | None = None, command_prefix: Sequence[str] = (),
+                 tailscaled: Path | None = None):
         """`login_server` replaces headscale's URL; `command_prefix` runs tsnsrv through a
-        wrapper (e.g. a private mount namespace)."""
+        wrapper (e.g. a private mount namespace); `tailscaled` replaces bin_dir's."""
         self.name = name
         self.dir = workdir
         self.control_socket = workdir / "control.sock"
         workdir.mkdir(parents=True, exist_ok=True)
         args = [tsnsrv_command(), "--name", name, "--state-dir", str(workdir / "state"),
-                "--control-socket", str(self.control_socket), "--tailscaled", str(bin_dir / "tailscaled")]
+                "--control-socket", str(self.control_socket), "--tailscaled", str(tailscaled or bin_dir / "tailscaled")]
         if headscale is not None:
             args += ["--login-server", login_server or headscale.url]
         if auth_key is not None:

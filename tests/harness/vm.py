@@ -90,6 +90,9 @@ class Guest:
         wait_for(lambda: self.execute("systemctl is-system-running --wait", 120)[0] in (0, 1), BOOT_TIMEOUT,
                  "the guest to finish booting")
         self.boot_seconds = time.monotonic() - started
+        # fstab gives the run disk 5 s to show up and boots without it (nofail); under TCG on a
+        # busy host udev can take longer than that.
+        self.succeed("mountpoint -q /nix || mount -o ro /dev/vdb /nix")
         # No default route: the guest reaches this host (10.0.2.2) and this run's namespaces only.
         self.succeed(f"""
             dev=$(ip -o link show | awk -F': ' '$2 != "lo" {{print $2; exit}}')

@@ -22,6 +22,8 @@ from harness.headscale import Headscale, start_headscale
 from harness.nixos_driver import GuestMachine, HostMachine, Subtests
 from harness.nixos_system import OFFLINE_DROP_IN, REPO, STORE_PATH, Configuration, RunDisk, evaluate, test_script
 from harness.nixtools import NIXPKGS_LIB, NO_LIB_REASON
+from harness.pebble import Pebble
+from harness.resolver import LoopbackResolver, RecordingResolver
 from harness.tailnet import NetworkNamespace, TailscaleNode
 from harness.vm import HOST_FROM_GUEST, Guest, guest_image, make_disk, qemu_unavailable
 
@@ -33,12 +35,22 @@ ACME_MODULE = f"""{{
   services.tsnsrv.services.certs = {{ acmeHost = "{ACME_HOST}"; plaintext = false; }};
   systemd.services.tsnsrv-certs.unitConfig.ConditionPathExists = "/var/lib/acme/{ACME_HOST}/fullchain.pem";
 }}"""
+# And one with the node's own certificate, which its tailscaled gets from the tier's CA
+# (pebble): what the VM test cannot have either (no certificates from headscale). The
+# test points that tailscaled at the CA when it starts the service.
+TLS_SERVICE = "tls"
+TLS_MODULE = f"""{{
+  services.tsnsrv.services.{TLS_SERVICE}.plaintext = false;
+  systemd.services.tsnsrv-{TLS_SERVICE}.unitConfig.ConditionPathExists = "/run/tsnsrv-{TLS_SERVICE}-ca.pem";
+}}"""
 
 
 @attrs.define
 class Tier:
     guest: Guest
     headscale: Headscale
+    pebble: Pebble
+    dns: RecordingResolver  # the guest's resolver, once the TLS service's test points the guest at it
     machines: dict[str, object]
     subtests: Subtests
     script: str
@@ -50,7 +62,7 @@ def write_wrappers(directory: Path, bin_dir: Path, headscale: Headscale, client:
     """The CLIs as the script calls them, pointed at this run's daemons."""
     directory.mkdir(parents=True, exist_ok=True)
     wrappers = {
-        "headscale": f'exec {shlex.quote(str(bin_dir / "headscale"))} -c {shlex.quote(str(headscale.config_path))} "$@"',
+        "headscale": f'exec {shlex.quote(str(headscale.binary))} -c {shlex.quote(str(headscale.config_path))} "$@"',
         # The client is a kernel-TUN node in a namespace: no DNS or netfilter changes there.
         "tailscale": (f'real={shlex.quote(str(bin_dir / "tailscale"))} socket={shlex.quote(str(client.socket))}\n'
                       'if [ "$1" = up ]; then shift; exec "$real" --socket="$socket" up --hostname=client '
@@ -88,7 +100,7 @@ systemctl start multi-user.target
 
 
 @pytest.fixture(scope="session")
-def tier(bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
+def tier(bin_dir: Path, cert_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     unavailable = qemu_unavailable() or (None if NIXPKGS_LIB is not None else NO_LIB_REASON)
     if unavailable:
         pytest.skip(unavailable)
@@ -99,8 +111,17 @@ def tier(bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ti
     namespace = NetworkNamespace(f"tsv{os.getpid()}", f"198.19.{block}.5", f"198.19.{block}.6").create()
     stack: list = [namespace.destroy]
     try:
-        headscale = start_headscale(bin_dir, namespace.host_ip, work / "headscale")
+        # headscale with the test patch, so that the TLS service's node may ask for a
+        # certificate; to every other service it is headscale as shipped (the patch adds
+        # CertDomains, which only a node asking for a certificate reads, and answers
+        # /machine/set-dns, which only such a node calls).
+        headscale = start_headscale(bin_dir, namespace.host_ip, work / "headscale",
+                                    binary=cert_bin_dir / "headscale")
         stack.append(headscale.close)
+        pebble = Pebble(cert_bin_dir / "pebble", work / "pebble", namespace.host_ip).start()
+        stack.append(pebble.stop)
+        resolver = LoopbackResolver({}, address=namespace.host_ip).start()
+        stack.append(resolver.stop)
         headscale.relay_into(namespace)
         client = TailscaleNode("client", bin_dir, work / "client", namespace).start()
         stack.append(client.stop)
@@ -111,9 +132,9 @@ def tier(bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ti
                          "clientLoginServer": headscale.url, "controlPort": headscale.relay_port,
                          "switchToChanged": SWITCH_TO_CHANGED}
         disk = RunDisk(work / "run-disk", bin_dir)
-        base = evaluate(scenario_args, [ACME_MODULE], changed=False)
+        base = evaluate(scenario_args, [ACME_MODULE, TLS_MODULE], changed=False)
         disk.add_configuration("base", base)
-        disk.add_configuration("changed", evaluate(scenario_args, [ACME_MODULE], changed=True))
+        disk.add_configuration("changed", evaluate(scenario_args, [ACME_MODULE, TLS_MODULE], changed=True))
         script = test_script(scenario_args)
         for path in set(STORE_PATH.findall(script)):
             disk.provide(path)
@@ -135,7 +156,7 @@ def tier(bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ti
             "client": HostMachine("client", str(wrappers), netns_prefix=namespace.command([]),
                                   unit_checks={"tailscaled.service": lambda: client.process.running}),
         }
-        yield Tier(guest, headscale, machines, subtests, script, disk, base)
+        yield Tier(guest, headscale, pebble, resolver.resolver, machines, subtests, script, disk, base)
     finally:
         for undo in reversed(stack):
             undo()

@@ -1,16 +1,20 @@
 """The NixOS module's units, rendered as NixOS writes them, under systemd 252 with cgroup v2
 in a QEMU guest: systemd accepts them, the NixOS VM test's own scenarios pass on them
-(nixos/tests/scenarios.nix, the same script `nix flake check` runs), and an ACME renewal
-reaches the proxy as a reload. The tests share one boot and run in this order."""
+(nixos/tests/scenarios.nix, the same script `nix flake check` runs), an ACME renewal
+reaches the proxy as a reload, and an HTTPS service's tailscaled gets the node's own
+certificate from a CA on this machine. The tests share one boot and run in this order."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
+from pathlib import Path
 
 import trustme
 
-from conftest import ACME_HOST, scenario_namespace
+from conftest import ACME_HOST, TLS_SERVICE, scenario_namespace
+from harness import tlsclient
 
 
 def test_systemd_accepts_every_rendered_unit(tier):
@@ -74,3 +78,33 @@ def test_an_acme_renewal_reaches_the_proxy_as_a_reload(tier, tmp_path):
     assert served_serial(client, ca_path, ip) == renewed != first
     assert server.succeed("systemctl show -P MainPID tsnsrv-certs.service").strip() == pid  # reloaded, not restarted
     assert re.search(r"SIGHUP: certificate valid until", server.succeed("journalctl -u tsnsrv-certs.service -o cat"))
+
+
+def test_an_https_service_gets_the_nodes_certificate_from_the_ca(tier, tmp_path):
+    server, client, pebble = tier.machines["server"], tier.machines["client"], tier.pebble
+    ca_file = f"/run/tsnsrv-{TLS_SERVICE}-ca.pem"
+    drop_in = f"/etc/systemd/system/tsnsrv-{TLS_SERVICE}-tailscaled.service.d"
+    # Test-only environment of that tailscaled (as OFFLINE_DROP_IN): the CA's ACME directory,
+    # and trust in the CA's API certificate. The guest's resolver, for the challenge's TXT
+    # lookup, is the tier's recording one on this machine.
+    server.succeed(f"cat > {ca_file}.new <<'EOF'\n{pebble.api_ca_file.read_text()}EOF\n"
+                   f"chmod 0644 {ca_file}.new; mkdir -p {drop_in}; "
+                   f"printf '[Service]\\nEnvironment=TS_DEBUG_ACME_DIRECTORY_URL={pebble.directory_url}\\n"
+                   f"Environment=SSL_CERT_FILE={ca_file}\\n' > {drop_in}/acme.conf; "
+                   f"echo 'nameserver {pebble.listen_ip}' > /etc/resolv.conf; systemctl daemon-reload; "
+                   f"systemctl restart tsnsrv-{TLS_SERVICE}-tailscaled.service; mv {ca_file}.new {ca_file}")
+    server.systemctl(f"start --no-block tsnsrv-{TLS_SERVICE}.service")
+    server.wait_for_unit(f"tsnsrv-{TLS_SERVICE}.service", timeout=300)
+
+    [health] = json.loads(server.succeed(f"tsnsrv status --json {TLS_SERVICE}"))
+    host = health["node"]["dnsName"]
+    ip = next(address for address in health["node"]["addresses"] if ":" not in address)
+    client.wait_until_succeeds(f"tailscale ping -c 1 {ip}")
+    root = pebble.write_root(tmp_path / "root.pem")
+    served = json.loads(client.succeed(f"python3 {Path(tlsclient.__file__)} peer {host} {ip} 443 {root}"))
+
+    assert served["status"] == 200
+    assert pebble.issued_serials() == [served["serial"]]
+    assert dt.datetime.fromisoformat(health["tls"]["notAfter"]).timestamp() == served["notAfter"]
+    assert health["tls"]["source"] == f"tailscaled (certificate for {host})"
+    assert tier.dns.asked(f"_acme-challenge.{host}"), "the TXT lookup stayed on this machine"

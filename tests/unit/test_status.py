@@ -59,6 +59,27 @@ def test_row_of_a_running_node_without_serve_config():
     assert row[1] == "Running"
 
 
+@pytest.mark.parametrize(("left", "shown"), [
+    (dt.timedelta(days=5, hours=1), "5d"), (dt.timedelta(days=1, hours=23), "47h"),
+    (dt.timedelta(minutes=40, seconds=10), "40m"), (dt.timedelta(seconds=70), "70s"),
+    (-dt.timedelta(seconds=5), "expired"),
+])
+def test_the_time_left_of_a_short_lived_certificate_is_not_zero_days(left, shown):
+    expiry = dt.datetime.now(UTC) + left
+    assert status.row(serving(certificate_not_after=expiry).as_json())[4] == f"{expiry:%Y-%m-%d} ({shown})"
+
+
+def test_row_of_a_running_node_still_without_a_certificate():
+    doc = serving(certificate_not_after=None, certificate_error="tailscaled could not get a certificate").as_json()
+    assert doc["tls"]["error"] == "tailscaled could not get a certificate"
+    assert status.row(doc)[1] == "Running, no certificate" and status.row(doc)[4] == "-"
+
+
+def test_a_failed_renewal_does_not_hide_a_serving_service():
+    doc = serving(certificate_error="tailscaled could not get a certificate").as_json()
+    assert status.row(doc)[1] == "serving"
+
+
 def test_row_of_a_failing_upstream_is_truncated():
     doc = serving().as_json()
     doc["upstream"].update({"answers": False, "error": "connection refused " * 10})

@@ -4,22 +4,13 @@ users point at ACME), swapped on SIGHUP without a restart."""
 from __future__ import annotations
 
 import signal
-import sys
 
 import trustme
 from cryptography import x509
 
 from harness.processes import wait_for
+from harness.tlsclient import peer_certificate
 from harness.upstream import echo
-
-PEER_SERIAL = """
-import socket, ssl, sys
-host, ip, ca = sys.argv[1:4]
-context = ssl.create_default_context(cafile=ca)
-with socket.create_connection((ip, 443), timeout=10) as raw:
-    with context.wrap_socket(raw, server_hostname=host) as tls:
-        print(int(tls.getpeercert()["serialNumber"], 16))
-"""
 
 
 def write_pair(ca: trustme.CA, host: str, directory) -> int:
@@ -46,8 +37,7 @@ def test_own_certificate_files_serve_https_and_are_swapped_on_sighup(make_tsnsrv
     assert service.health()["tls"]["source"] == str(service_dir / "cert.pem")
 
     def served_serial() -> int:
-        out = laptop.run([sys.executable, "-c", PEER_SERIAL, host, service.ip, str(ca_file)], timeout=30)
-        return int(out.stdout or 0)
+        return peer_certificate(laptop, host, service.ip, ca_file)["serial"]
 
     assert served_serial() == first_serial
     plain = laptop.curl("-o", "/dev/null", "-w", "%{http_code}", f"http://{service.ip}/")
