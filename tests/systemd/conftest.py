@@ -78,9 +78,6 @@ def write_wrappers(directory: Path, bin_dir: Path, headscale: Headscale, client:
 
 INSTALL_UNITS = """
 set -e
-# The run disk is mounted nofail with a short device timeout: on a loaded host the guest's
-# udev can take longer than that, and the agent may be asked before the mount is done.
-mountpoint -q /nix || systemctl start nix.mount
 cp /nix/units/base/*.service /etc/systemd/system/
 python3 - <<'EOF'
 import json, os
