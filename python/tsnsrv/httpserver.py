@@ -72,6 +72,9 @@ class _HeadLimit:
             self._body = messages[-1][1]
         return result
 
+    def message_consumed(self) -> None:  # once per request: not through __getattr__
+        self._parser.message_consumed()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
 

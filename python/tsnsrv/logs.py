@@ -43,18 +43,21 @@ class LogfmtFormatter(logging.Formatter):
 
     def line(self, created: float, level: int, logger: str, message: str, fields: Fields,
              error: str | None = None) -> str:
-        parts = [f"level={logging.getLevelName(level).lower()}", self._head, f"logger={logger}",
-                 f"msg={_quote(message)}"]
-        parts += [f"{key}={_quote(value)}" for key, value in fields]
+        parts = [f"msg={_quote(message)}", *(f"{key}={_quote(value)}" for key, value in fields)]
         if error is not None:
             parts.append(f"error={_quote(error)}")
-        if self.journald:  # journald stamps lines itself
-            return f"<{PRIORITIES.get(level, 6)}>" + " ".join(parts)
+        return self.prefix(created, level, logger) + " ".join(parts)
+
+    def prefix(self, created: float, level: int, logger: str) -> str:
+        """What starts every line: the time (unless journald stamps it), level, service, logger."""
+        head = f"level={logging.getLevelName(level).lower()} {self._head} logger={logger} "
+        if self.journald:
+            return f"<{PRIORITIES.get(level, 6)}>{head}"
         second = int(created)
         if second != self._stamp_second:  # strftime once a second, not once a line
             self._stamp_second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
-        return f"time={self._stamp}.{int((created - second) * 1000):03d} " + " ".join(parts)
+        return f"time={self._stamp}.{int((created - second) * 1000):03d} {head}"
 
 
 class AccessLog:
@@ -74,12 +77,27 @@ class AccessLog:
         logger = logging.getLogger(ACCESS_LOGGER)
         return cls() if not logger.disabled and logger.isEnabledFor(logging.INFO) else None
 
-    def write(self, fields: Fields) -> None:
+    def request(self, method: str, path: str, status: int, bytes_in: int, bytes_out: int, seconds: float,
+                client: str, node: str, source: str, remote: str, tags: str, note: str) -> None:
+        """One request's line. `method` (an HTTP token), `source` and `remote` (an address)
+        never need quoting; the rest is quoted as any value."""
         if self._direct is None:
+            fields = [("method", method), ("path", path), ("status", status), ("bytes_in", bytes_in),
+                      ("bytes_out", bytes_out), ("duration_ms", f"{seconds * 1000:.1f}"), ("client", client),
+                      ("node", node), ("source", source), ("remote", remote)]
+            fields += [(key, value) for key, value in (("tags", tags), ("note", note)) if value]
             self._logger.info("request", extra={"fields": fields})
             return
         stream, formatter = self._direct
-        stream.write(formatter.line(time.time(), logging.INFO, ACCESS_LOGGER, "request", fields) + "\n")
+        line = (f"{formatter.prefix(time.time(), logging.INFO, ACCESS_LOGGER)}msg=request method={method} "
+                f"path={_quote(path)} status={status} bytes_in={bytes_in} bytes_out={bytes_out} "
+                f"duration_ms={seconds * 1000:.1f} client={_quote(client)} node={_quote(node)} source={source} "
+                f"remote={remote}")
+        if tags:
+            line += f" tags={_quote(tags)}"
+        if note:
+            line += f" note={_quote(note)}"
+        stream.write(line + "\n")
 
 
 _direct: tuple[TextIO, LogfmtFormatter] | None = None

@@ -448,16 +448,10 @@ class Proxy:
 
     @staticmethod
     def _log(access_log: AccessLog, exchange: Exchange, status: int, duration: float) -> None:
-        identity, peer = exchange.identity, exchange.peer
-        client = "funnel" if peer.is_funnel else (identity.user if identity and identity.user else "-")
-        fields: list[tuple[str, Any]] = [
-            ("method", exchange.request.method), ("path", exchange.request.raw_path), ("status", status),
-            ("bytes_in", exchange.bytes_in), ("bytes_out", exchange.bytes_out),
-            ("duration_ms", f"{duration * 1000:.1f}"), ("client", client),
-            ("node", identity.node_name if identity else "-"), ("source", peer.provenance), ("remote", peer.address),
-        ]
-        if identity is not None and identity.node_tags:
-            fields.append(("tags", ",".join(identity.node_tags)))
-        if exchange.note:
-            fields.append(("note", exchange.note))
-        access_log.write(fields)
+        identity, peer, request = exchange.identity, exchange.peer, exchange.request
+        if identity is None:
+            client, node, tags = "funnel" if peer.is_funnel else "-", "-", ""
+        else:
+            client, node, tags = identity.user or "-", identity.node_name, ",".join(identity.node_tags)
+        access_log.request(request.method, request.raw_path, status, exchange.bytes_in, exchange.bytes_out, duration,
+                           client, node, peer.provenance, peer.address, tags, exchange.note)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from multidict import CIMultiDict
 from yarl import URL
 
 from .config import ServiceConfig
@@ -49,6 +50,19 @@ def upstream_ssl_context(cfg: ServiceConfig) -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_NONE
     context.set_ciphers("ALL:@SECLEVEL=0" if cfg.upstream_allow_insecure_ciphers else FORWARD_SECRET_CIPHERS)
     return context
+
+
+# Headers aiohttp would add when the client sent none: the upstream gets exactly the
+# client's headers and tsnsrv's.
+_NOT_ADDED = CIMultiDict((name, None) for name in ("Accept", "Accept-Encoding", "Content-Type", "User-Agent"))
+
+
+class _RelayedRequest(aiohttp.ClientRequest):
+    """A request that adds none of aiohttp's default headers. (What `skip_auto_headers`
+    does, without rebuilding the same skip list for every request.)"""
+
+    def update_auto_headers(self, skip_auto_headers: Any) -> None:
+        self._skip_auto_headers = _NOT_ADDED
 
 
 class FixedAddressResolver(AbstractResolver):
@@ -139,7 +153,7 @@ class Upstream:
             connector=connector,
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),  # cookies belong to the clients, not to the proxy
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            request_class=_RelayedRequest,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.upstream_connect_timeout or None),
             read_bufsize=READ_BUFFER,
             max_line_size=MAX_RESPONSE_HEAD,

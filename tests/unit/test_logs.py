@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import sys
@@ -118,3 +119,27 @@ def test_setup_keeps_access_log_when_asked(monkeypatch, restore_logging):
     logs.setup("books", "debug", access_log=True)
     assert logging.getLogger("tsnsrv.access").disabled is False
     assert logging.getLogger().level == logging.DEBUG
+
+
+def test_access_lines_written_directly_read_like_every_other_line(monkeypatch, restore_logging):
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    logs.setup("books", "info", access_log=True)
+    access = logs.AccessLog.if_enabled()
+    assert access is not None
+    access.request("GET", '/a b?q="x"', 200, 0, 1024, 0.0123, "alice@example.com", "", "tailnet", "100.64.0.9",
+                   "tag:ci,tag:x", "")
+    line = stream.getvalue()
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert re.fullmatch(r'time=\S+ level=info service=books logger=tsnsrv\.access msg=request method=GET '
+                        r'path="/a b\?q=\\"x\\"" status=200 bytes_in=0 bytes_out=1024 duration_ms=12\.3 '
+                        r'client=alice@example\.com node="" source=tailnet remote=100\.64\.0\.9 tags=tag:ci,tag:x\n',
+                        line), line
+
+
+def test_no_access_log_below_info_or_when_turned_off(monkeypatch, restore_logging):
+    logs.setup("books", "warning", access_log=True)
+    assert logs.AccessLog.if_enabled() is None
+    logs.setup("books", "info", access_log=False)
+    assert logs.AccessLog.if_enabled() is None

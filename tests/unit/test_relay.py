@@ -30,12 +30,14 @@ def scripted(status_and_headers: bytes, body: bytes) -> bytes:
 @pytest_asyncio.fixture
 async def upstream() -> AsyncIterator[tuple[int, list[bytes]]]:
     """A loopback upstream that answers every connection with the next scripted answer
-    and then closes it; the test appends the answers."""
+    and then closes it; the test appends the answers, and finds the request heads it
+    received after them."""
     answers: list[bytes] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
         writer.write(answers.pop(0))
+        answers.append(head)
         await writer.drain()
         writer.close()
 
@@ -119,3 +121,14 @@ async def test_a_head_response_keeps_its_length_and_has_no_body(upstream):
     answer = await through_proxy(port, b"HEAD /x HTTP/1.1\r\nHost: books\r\nConnection: close\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"Content-Length: 1234" in head and body == b""
+
+
+@pytest.mark.asyncio
+async def test_the_upstream_gets_no_header_the_client_did_not_send_but_ours(upstream):
+    port, answers = upstream
+    answers.append(scripted(b"200 OK\r\nContent-Length: 2", b"ok"))
+    await through_proxy(port, b"POST /x HTTP/1.1\r\nHost: books\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
+    [head] = answers
+    names = {line.split(b":")[0].lower() for line in head.split(b"\r\n")[1:] if line}
+    assert not names & {b"accept", b"accept-encoding", b"user-agent", b"content-type"}, head
+    assert b"content-length" in names and b"x-forwarded-for" in names
