@@ -9,7 +9,6 @@ problem it finds and reports each with the spelling the user wrote.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 import typing
@@ -444,6 +443,8 @@ def _describe_structure_errors(exc: ClassValidationError, named) -> tuple[list[s
     for error in exc.exceptions:
         if isinstance(error, ForbiddenExtraKeysError):
             for key in sorted(error.extra_fields):
+                import difflib  # only to suggest a spelling
+
                 close = difflib.get_close_matches(key, FIELDS, n=1)
                 hint = f'; did you mean "{close[0]}"?' if close else ""
                 problems.append(f'unknown option "{key}"{hint}')

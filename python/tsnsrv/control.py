@@ -17,10 +17,9 @@ from typing import Any
 
 import attrs
 import prometheus_client
-from aiohttp import web
 
 from . import __version__
-from .httpserver import WholeResponse, plain_response
+from .httpserver import BaseRequest, Server, StreamResponse, WholeResponse, plain_response
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -110,9 +109,9 @@ class ControlServer:
         self.health = health
         self.metrics = metrics
         self.probe_upstream = probe_upstream
-        self._servers: list[tuple[asyncio.Server, web.Server]] = []
+        self._servers: list[tuple[asyncio.Server, Server]] = []
 
-    async def _answer(self, request: web.BaseRequest, with_health: bool) -> web.StreamResponse:
+    async def _answer(self, request: BaseRequest, with_health: bool) -> StreamResponse:
         path = request.raw_path.partition("?")[0]
         if path == "/metrics":
             return WholeResponse(body=self.metrics.exposition(),
@@ -125,8 +124,8 @@ class ControlServer:
                                  content_type="application/json")
         return plain_response(404, "404 Not Found")
 
-    async def _serve(self, with_health: bool, listen: Callable[[web.Server], Awaitable[asyncio.Server]]) -> None:
-        handler = web.Server(lambda request: self._answer(request, with_health), access_log=None)
+    async def _serve(self, with_health: bool, listen: Callable[[Server], Awaitable[asyncio.Server]]) -> None:
+        handler = Server(lambda request: self._answer(request, with_health), access_log=None)
         self._servers.append((await listen(handler), handler))
 
     async def start_unix(self, path: Path) -> None:
@@ -142,7 +141,7 @@ class ControlServer:
         await self._serve(False, lambda handler: loop.create_server(handler, host or None, port))
         log.info("metrics on http://%s:%d/metrics", host or "*", port)
 
-    async def tailnet_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def tailnet_metrics(self, request: BaseRequest) -> StreamResponse:
         """/metrics for a front listener on a tailnet port (--metrics-addr tailnet:PORT)."""
         return await self._answer(request, with_health=False)
 

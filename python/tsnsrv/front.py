@@ -15,11 +15,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 import attrs
-from aiohttp import web
 
 from . import proxyproto
 from .access import FUNNEL, TAILNET
-from .httpserver import FrontServer
+from .httpserver import BaseRequest, FrontServer, StreamResponse
 from .identity import is_tailnet_address
 from .metrics import Metrics
 from .peercheck import PEER_GONE, TailscaledPeerCheck
@@ -27,7 +26,7 @@ from .peercheck import PEER_GONE, TailscaledPeerCheck
 log = logging.getLogger(__name__)
 
 PROXY_HEADER_TIMEOUT = 10.0
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Handler = Callable[[BaseRequest], Awaitable[StreamResponse]]
 
 
 @attrs.frozen

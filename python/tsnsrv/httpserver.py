@@ -25,9 +25,14 @@ import asyncio
 import logging
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import hdrs
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+# aiohttp's server modules themselves: `aiohttp.web` would also load its application
+# framework (router, file responses, multipart, runners), 1.4 MiB per service for nothing.
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import Response, StreamResponse
+from aiohttp.web_server import Server
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +100,8 @@ class ClientConnection(RequestHandler):
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
         super().connection_made(transport)
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> StreamResponse:
         """A request aiohttp's parser refused (or a handler bug): a short page, and close."""
         if isinstance(exc, (HeadTooLarge, LineTooLong)) or (
                 isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
@@ -112,7 +117,7 @@ class ClientConnection(RequestHandler):
         return response
 
 
-class FrontServer(web.Server):
+class FrontServer(Server):
     """aiohttp's low-level server for one kind of client (tailnet or Funnel): its requests go
     to `handler`, each on a `ClientConnection` made for the peer the front listener found.
 
@@ -149,7 +154,7 @@ class _AddsNothing:
             headers.pop(hdrs.CONTENT_TYPE, None)
 
 
-class ProxyResponse(_AddsNothing, web.StreamResponse):
+class ProxyResponse(_AddsNothing, StreamResponse):
     """A streamed response: its head goes out at once (a long poll or an event stream
     must see it before any body)."""
 
@@ -160,7 +165,7 @@ class CoalescedResponse(ProxyResponse):
     _send_headers_immediately = False
 
 
-class WholeResponse(_AddsNothing, web.Response):
+class WholeResponse(_AddsNothing, Response):
     """A whole response, its head and body in one write: a page of ours (a refusal, an
     error, a redirect), or an upstream's short body read at once."""
 

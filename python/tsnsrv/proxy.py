@@ -18,13 +18,13 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
-from aiohttp import web
 from yarl import URL
 
 from .access import AccessPolicy, Identity, PathPolicy, clean_path, has_control_characters
 from .config import ServiceConfig
 from .front import Peer
-from .httpserver import CoalescedResponse, ProxyResponse, WholeResponse, plain_response
+from .httpserver import (BaseRequest, CoalescedResponse, ProxyResponse, StreamResponse, WholeResponse,
+                         plain_response)
 from .identity import IdentityUnavailable, WhoisCache, is_spoofable, serve_headers, tsnsrv_headers
 from .logs import AccessLog
 from .metrics import Metrics
@@ -96,7 +96,7 @@ class Exchange:
 
     __slots__ = ("request", "peer", "started", "identity", "authority", "status", "bytes_in", "bytes_out", "note")
 
-    def __init__(self, request: web.BaseRequest, peer: Peer):
+    def __init__(self, request: BaseRequest, peer: Peer):
         self.request = request
         self.peer = peer
         self.started = time.perf_counter()
@@ -138,7 +138,7 @@ class Proxy:
 
     # --- the request path --------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: BaseRequest) -> StreamResponse:
         exchange = Exchange(request, request.protocol.peer)  # type: ignore[attr-defined]
         self.metrics.requests.in_flight += 1
         try:
@@ -150,7 +150,7 @@ class Proxy:
         finally:
             self._finish(exchange)
 
-    async def _serve(self, exchange: Exchange) -> web.StreamResponse:
+    async def _serve(self, exchange: Exchange) -> StreamResponse:
         request, peer = exchange.request, exchange.peer
         if request.method == "CONNECT":
             return self._refuse(exchange, 405, "method", "CONNECT is not proxied", "405 Method Not Allowed")
@@ -257,7 +257,7 @@ class Proxy:
         return asyncio.get_running_loop().time() + min(limits) if limits else None
 
     async def _relay(self, exchange: Exchange, url: URL, headers: list[tuple[str, str]],
-                     websocket: bool) -> web.StreamResponse:
+                     websocket: bool) -> StreamResponse:
         request = exchange.request
         body = request.body_exists
         deadline = asyncio.timeout_at(self._deadline(waiting_for_head=not body))
@@ -302,7 +302,7 @@ class Proxy:
         deadline.reschedule(self._deadline(waiting_for_head=True))
 
     async def _relay_response(self, exchange: Exchange, upstream: aiohttp.ClientResponse,
-                              deadline: asyncio.Timeout) -> web.StreamResponse:
+                              deadline: asyncio.Timeout) -> StreamResponse:
         request = exchange.request
         upstream_headers = upstream.headers
         connection = upstream_headers.get("Connection")
@@ -349,7 +349,7 @@ class Proxy:
             exchange.status = 499  # the client went away
         return response
 
-    async def _relay_websocket(self, exchange: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay_websocket(self, exchange: Exchange, upstream: aiohttp.ClientResponse) -> StreamResponse:
         request = exchange.request
         headers = [(name, value) for name, value in upstream.headers.items() if name.lower() != "content-length"]
         response = ProxyResponse(status=101, reason=upstream.reason, headers=headers)
@@ -384,7 +384,7 @@ class Proxy:
     # --- refusals, failures and the end of an exchange ------------------------------
 
     def _answer(self, exchange: Exchange, status: int, text: str = "",
-                headers: dict[str, str] | None = None) -> web.StreamResponse:
+                headers: dict[str, str] | None = None) -> StreamResponse:
         """A page of ours, which aiohttp sends once the handler returns it."""
         response = plain_response(status, text, headers)
         exchange.status = status
@@ -392,7 +392,7 @@ class Proxy:
             exchange.bytes_out = response.content_length or 0
         return response
 
-    def _refuse(self, exchange: Exchange, status: int, reason: str, why: str, page: str) -> web.StreamResponse:
+    def _refuse(self, exchange: Exchange, status: int, reason: str, why: str, page: str) -> StreamResponse:
         exchange.note = why
         self.metrics.denied.labels(reason).inc()
         log.info("denied %s %s from %s: %s", exchange.request.method, exchange.request.raw_path[:200],
@@ -415,7 +415,7 @@ class Proxy:
         return status, kind, what
 
     def _upstream_failed(self, exchange: Exchange, exc: BaseException,
-                         deadline: asyncio.Timeout) -> web.StreamResponse:
+                         deadline: asyncio.Timeout) -> StreamResponse:
         if not deadline.expired():
             deadline.reschedule(None)  # the page goes out whatever the timeouts say
         if exchange.status:
@@ -427,7 +427,7 @@ class Proxy:
         reason = "Gateway Timeout" if status == 504 else "Bad Gateway"
         return self._answer(exchange, status, f"{status} {reason}: the upstream of {self.cfg.name} {what}.")
 
-    def _cut_off(self, exchange: Exchange, exc: BaseException) -> web.StreamResponse:
+    def _cut_off(self, exchange: Exchange, exc: BaseException) -> StreamResponse:
         """The upstream failed after the head went out: all we can do is cut the client off
         mid-body, so that neither a length nor chunked framing lets it take the cut for the end."""
         _, kind, _ = self._failure(exc)
@@ -436,7 +436,7 @@ class Proxy:
         log.warning("%s: upstream %s failed mid-response: %s", self.cfg.name, request.raw_path[:200], exc or kind)
         if request.transport is not None:
             request.transport.abort()
-        return web.StreamResponse(status=exchange.status)
+        return StreamResponse(status=exchange.status)
 
     def _finish(self, exchange: Exchange) -> None:
         status = exchange.status or 499
