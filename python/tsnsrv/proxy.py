@@ -360,13 +360,7 @@ class Proxy:
         except ConnectionError:
             return response
 
-        def count(from_client: bool, size: int) -> None:
-            if from_client:
-                exchange.bytes_in += size
-            else:
-                exchange.bytes_out += size
-
-        relay = RawRelay(request.protocol, upstream, count, self._timeouts[1])
+        relay = RawRelay(request.protocol, upstream, self._timeouts[1])
         self.websockets.add(relay)
         self.metrics.websockets.inc()
         self.metrics.websockets_open.inc()
@@ -376,6 +370,7 @@ class Proxy:
             if relay.idled:
                 exchange.note = f"websocket idle for {self._timeouts[1]:g}s"
         finally:
+            exchange.bytes_in, exchange.bytes_out = relay.inbound.bytes, relay.outbound.bytes
             self.websockets.discard(relay)
             self.metrics.websockets_open.dec()
             relay.end()

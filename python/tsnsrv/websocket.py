@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import ClientResponse
@@ -88,37 +87,33 @@ class RawRelay:
     upstream's (its client protocol), both past their 101. `done` resolves when either
     side is gone or, after a goodbye, has answered it; `end` closes both.
 
-    A side that stops taking bytes (its transport's buffer full) pauses reading on the
-    other until it drains, so nothing piles up in between. `on_bytes(from_client, n)`
-    counts what passes. With an `idle_timeout`, a session without a byte either way for
-    that long is over (`idled`)."""
+    `inbound` relays the client's bytes to the upstream, `outbound` the upstream's to the
+    client; each counts what it passed. With an `idle_timeout`, a session without a byte
+    either way for that long is over (`idled`)."""
 
-    def __init__(self, client: RequestHandler, upstream: ClientResponse,
-                 on_bytes: Callable[[bool, int], None], idle_timeout: float = 0.0):
+    def __init__(self, client: RequestHandler, upstream: ClientResponse, idle_timeout: float = 0.0):
         connection = upstream.connection
         assert connection is not None and connection.protocol is not None
         loop = asyncio.get_running_loop()
-        self._client = client
-        self._upstream = connection.protocol
+        self._client, self._upstream = client, connection.protocol
         self._upstream_response = upstream
-        self._writers = {True: StreamWriter(self._upstream, loop), False: StreamWriter(client, loop)}
-        self._held: dict[bool, bool] = {True: False, False: False}
-        self._frames = {True: FrameBoundaries(), False: FrameBoundaries()}
-        self._on_bytes = on_bytes
+        self.inbound = _Direction(self, client, self._upstream, from_client=True)
+        self.outbound = _Direction(self, self._upstream, client, from_client=False)
         self._idle_timeout = idle_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
         self.idled = False
-        self._going_away = False
-        self._said_goodbye = False
+        self.going = False  # a goodbye is due at the next frame boundary both ways
+        self.said_goodbye = False
         self.done: asyncio.Future[None] = loop.create_future()
 
     def start(self) -> None:
         """Relay from now on, starting with bytes either side sent right after its head."""
-        self._touch()
-        self._upstream.set_parser(_Side(self, from_client=False), _Side(self, from_client=False))
-        self._client.set_parser(_Side(self, from_client=True))
+        self.touch()
+        self._upstream.set_parser(self.outbound, self.outbound)
+        self._client.set_parser(self.inbound)
 
-    def _touch(self) -> None:
+    def touch(self) -> None:
+        """Bytes moved: the idle timeout starts again."""
         if not self._idle_timeout:
             return
         if self._idle_timer is not None:
@@ -129,53 +124,16 @@ class RawRelay:
         self.idled = True
         self.finished()
 
-    def relay(self, data: bytes, from_client: bool) -> None:
-        frames = self._frames[from_client]
-        frames.feed(data)
-        if self._said_goodbye:
-            if from_client and frames.closed:
-                self.finished()  # the client answered our close: the session is over
-            return  # the client has our close already: the upstream's answer to its own is not for it
-        target = self._upstream if from_client else self._client
-        transport = target.transport
-        if transport is None or transport.is_closing():
-            return
-        self._on_bytes(from_client, len(data))
-        transport.write(data)
-        if target.writing_paused and not self._held[from_client]:
-            self._hold(from_client)
-        if self._idle_timeout:
-            self._touch()
-        if self._going_away:
-            self._maybe_say_goodbye()
-
-    def _hold(self, from_client: bool) -> None:
-        """Stop reading the sender until the receiver's transport has drained."""
-        self._held[from_client] = True
-        sender = self._client if from_client else self._upstream
-        sender.pause_reading()
-
-        async def release() -> None:
-            try:
-                await self._writers[from_client].drain()
-            except ConnectionError:
-                return  # the receiver is gone; the session ends through its connection_lost
-            finally:
-                self._held[from_client] = False
-            if not self.done.done():
-                sender.resume_reading()
-        asyncio.ensure_future(release())
-
     def going_away(self) -> None:
         """Say goodbye (1001) to both sides, between frames."""
-        self._going_away = True
-        self._maybe_say_goodbye()
+        self.going = True
+        self.maybe_say_goodbye()
 
-    def _maybe_say_goodbye(self) -> None:
-        inbound, outbound = self._frames[True], self._frames[False]
-        if not (self._going_away and inbound.at_boundary and outbound.at_boundary):
+    def maybe_say_goodbye(self) -> None:
+        inbound, outbound = self.inbound.frames, self.outbound.frames
+        if not (self.going and inbound.at_boundary and outbound.at_boundary):
             return  # between frames only; the next byte that ends one brings us back here
-        self._going_away, self._said_goodbye = False, True
+        self.going, self.said_goodbye = False, True
         if not outbound.closed and self._client.transport is not None:
             self._client.transport.write(close_frame(GOING_AWAY, b"server shutting down", masked=False))
         if not inbound.closed and self._upstream.transport is not None:
@@ -195,19 +153,56 @@ class RawRelay:
             self._client.transport.close()
 
 
-class _Side:
-    """What aiohttp feeds one side's bytes to once it has switched protocols (its
-    `set_parser` contract: feed_data, feed_eof; set_exception on the upstream side)."""
+class _Direction:
+    """One direction of a session: what aiohttp feeds the sender's bytes to once it has
+    switched protocols (its `set_parser` contract: feed_data, feed_eof; set_exception on
+    the upstream side). A receiver that stops taking bytes (its transport's buffer full)
+    pauses reading on the sender until it drains, so nothing piles up in between."""
 
-    __slots__ = ("_relay", "_from_client")
+    __slots__ = ("_relay", "_sender", "_receiver", "_from_client", "_held", "frames", "bytes")
 
-    def __init__(self, relay: RawRelay, from_client: bool):
-        self._relay, self._from_client = relay, from_client
+    def __init__(self, relay: RawRelay, sender: Any, receiver: Any, from_client: bool):
+        self._relay, self._sender, self._receiver = relay, sender, receiver
+        self._from_client = from_client
+        self._held = False
+        self.frames = FrameBoundaries()
+        self.bytes = 0
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        if data:
-            self._relay.relay(data, self._from_client)
+        relay = self._relay
+        self.frames.feed(data)
+        if relay.said_goodbye:
+            if self._from_client and self.frames.closed:
+                relay.finished()  # the client answered our close: the session is over
+            return False, b""  # the client has our close already: the upstream's answer is not for it
+        receiver = self._receiver
+        transport = receiver.transport
+        if transport is None or transport.is_closing():
+            return False, b""
+        self.bytes += len(data)
+        transport.write(data)
+        if receiver.writing_paused and not self._held:
+            self._hold()
+        relay.touch()
+        if relay.going:
+            relay.maybe_say_goodbye()
         return False, b""
+
+    def _hold(self) -> None:
+        """Stop reading the sender until the receiver's transport has drained."""
+        self._held = True
+        self._sender.pause_reading()
+        asyncio.ensure_future(self._release())
+
+    async def _release(self) -> None:
+        try:
+            await StreamWriter(self._receiver, asyncio.get_running_loop()).drain()
+        except ConnectionError:
+            return  # the receiver is gone; the session ends through its connection_lost
+        finally:
+            self._held = False
+        if not self._relay.done.done():
+            self._sender.resume_reading()
 
     def feed_eof(self) -> None:
         self._relay.finished()
