@@ -330,6 +330,7 @@ class Proxy:
         if length is not None:
             response.content_length = length
         content, idle = upstream.content, self._timeouts[1]
+        close_delimited = length is None and "chunked" not in upstream_headers.get("Transfer-Encoding", "").lower()
         try:
             await response.prepare(request)
             while True:
@@ -343,6 +344,8 @@ class Proxy:
                 await response.write(chunk)
                 if idle:
                     deadline.reschedule(self._deadline(waiting_for_head=False))
+            if close_delimited and upstream.cut_by_reset:  # type: ignore[attr-defined]
+                return self._cut_off(exchange, ConnectionResetError("reset before the end of the body"))
             upstream.release()
             await response.write_eof()
         except ConnectionError:

@@ -65,6 +65,25 @@ class _RelayedRequest(aiohttp.ClientRequest):
         self._skip_auto_headers = _NOT_ADDED
 
 
+class RelayedResponse(aiohttp.ClientResponse):
+    """A response that can tell whether its connection ended in a reset.
+
+    A body without a length (close-delimited) ends when the upstream closes its
+    connection: aiohttp ends it the same way for a reset, which may have cut it short;
+    passed on as complete, the client would take half a body for all of it."""
+
+    _upstream_protocol: Any = None
+
+    async def start(self, connection: Any) -> aiohttp.ClientResponse:
+        self._upstream_protocol = connection.protocol
+        return await super().start(connection)
+
+    @property
+    def cut_by_reset(self) -> bool:
+        """Whether its connection ended in an error (a reset), not a clean close."""
+        return isinstance(self._upstream_protocol.exception(), OSError)
+
+
 class FixedAddressResolver(AbstractResolver):
     """Every upstream host name resolves to one configured address (--upstream-tcp-addr)."""
 
@@ -154,6 +173,7 @@ class Upstream:
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),  # cookies belong to the clients, not to the proxy
             request_class=_RelayedRequest,
+            response_class=RelayedResponse,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.upstream_connect_timeout or None),
             read_bufsize=READ_BUFFER,
             max_line_size=MAX_RESPONSE_HEAD,
