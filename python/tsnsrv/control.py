@@ -121,6 +121,7 @@ class ControlServer:
 
     async def _health(self, exchange: Exchange, probe: bool) -> None:
         body = self.health.as_json()
+        body["tasks"] = len(asyncio.all_tasks())  # for leak checks (bench/soak): back to its idle count
         if probe:
             body["upstream"].update(await self.probe_upstream())
         if not exchange.client_gone:
