@@ -47,7 +47,7 @@ from websockets.asyncio.client import connect as websocket_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 from . import bodies
-from .httpclient import Answer, Failure, HttpConnection, Target, request_bytes
+from .httpclient import Answer, Failure, HttpConnection, Target, request_bytes, tcp_connect
 from .upstream import FRAMINGS, sse_end, sse_event, tick_tag
 
 # A mix that exercises every path without saturating a small machine: the soak is about
@@ -550,10 +550,11 @@ class Clients:
         scheme = "wss" if target.ssl else "ws"
         exchange = Exchange("websocket", request_id, size=count)
         try:
+            sock = await tcp_connect(target.ip, target.port, target.connect_timeout)
             async with websocket_connect(
-                    f"{scheme}://{target.ip}:{target.port}/ws?id={request_id}&tick=1",
+                    f"{scheme}://{target.ip}:{target.port}/ws?id={request_id}&tick=1", sock=sock,
                     ssl=target.ssl, server_hostname=target.host if target.ssl else None,
-                    open_timeout=target.connect_timeout + target.read_timeout, ping_interval=None,
+                    open_timeout=target.read_timeout, ping_interval=None,
                     close_timeout=target.read_timeout, max_size=None, compression=None) as ws:
                 exchange.sent = True
                 exchange.status = 101
@@ -570,6 +571,8 @@ class Clients:
             exchange.status = exc.response.status_code
             self.ledger.status(exc.response.status_code)
             exchange.fail(f"status {exc.response.status_code}")
+        except Failure as failure:
+            exchange.fail(failure.what)
         except TimeoutError:
             exchange.fail("timeout")
         except (OSError, WebSocketException) as exc:

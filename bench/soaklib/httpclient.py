@@ -8,6 +8,7 @@ clients write requests and parse answers with h11, a strict sans-I/O HTTP/1.1 pa
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections.abc import Iterable
@@ -36,6 +37,23 @@ class KeepingReader(asyncio.StreamReader):
     def set_exception(self, exc: BaseException) -> None:
         self.error = exc
         self.feed_eof()
+
+
+async def tcp_connect(ip: str, port: int, timeout: float) -> socket.socket:
+    """A connected TCP socket, or Failure("connect-timeout"/"connect"): for clients whose
+    library makes the connection itself (websockets), so that a SYN without an answer is told
+    from a slow handshake on top."""
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (ip, port)), timeout)
+    except TimeoutError as exc:
+        sock.close()
+        raise Failure("connect-timeout") from exc
+    except OSError as exc:
+        sock.close()
+        raise Failure("connect", exc.strerror or str(exc)) from exc
+    return sock
 
 
 class Target:
@@ -131,6 +149,8 @@ class HttpConnection:
 
     async def write(self, data: bytes) -> None:
         assert self.writer is not None
+        if not data:
+            return  # the end of a body with Content-Length: nothing goes out, nothing can fail
         try:
             self.writer.write(data)
             await asyncio.wait_for(self.writer.drain(), self.target.read_timeout)

@@ -30,7 +30,7 @@ from harness.tailnet import ClientDevice, NetworkNamespace, TailscaleNode  # noq
 from harness.tsnsrv import ensure_tailscaled_test_user  # noqa: E402
 
 from soaklib import analysis, report  # noqa: E402
-from soaklib.faults import FAULT_KINDS, PROFILES, PlannedFault, Profile, Stage, as_record, inject, plan  # noqa: E402
+from soaklib.faults import PROFILES, PlannedFault, Profile, Stage, as_record, inject, plan  # noqa: E402
 from soaklib.rig import Certificates, ClientsProcess, SoakUpstream  # noqa: E402
 from soaklib.targets import Candidate, Go, Ours, Sampler, settle, wait_ready_by_probe  # noqa: E402
 

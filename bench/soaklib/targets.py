@@ -7,10 +7,10 @@ outside: only the command, its /health and /metrics, and /proc.
              metrics on its tailnet port 9099, read from the client device
 
 Each is its own machine on the tailnet (soak-ours, soak-go), so that a client never finds
-the other's node under the name. A Supervisor restarts the candidate's process whenever it exits (Restart=always): it
-first kills what is left of the process group, as systemd stops what remains of a unit,
-noting what was still alive (a tailscaled outliving its tsnsrv would be a leak), then
-waits RestartSec and starts it again.
+the other's node under the name. A Supervisor restarts the candidate's process whenever
+it exits (Restart=always): after RestartSec it notes what of the process group is still
+alive (a tailscaled outliving its tsnsrv would leak without systemd), kills it as systemd
+stops what remains of a unit, and starts the candidate again.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ class Supervisor:
         self.restart_sec = restart_sec
         self.log = log
         self.stopping = False
-        self.restarting = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name=f"supervise-{process.name}")
 
     def start(self) -> None:
@@ -76,7 +75,6 @@ class Supervisor:
             status = popen.wait()
             if self.stopping:
                 return
-            self.restarting.set()
             exited = time.monotonic()
             # What is left of the process group after RestartSec would outlive the proxy
             # without systemd; with it, the rest of the unit is stopped, as here.
@@ -92,7 +90,6 @@ class Supervisor:
             self.process.start()
             self.log.append({"t": exited, "event": "restart", "status": status, "remnants": remnants,
                              "restarted": time.monotonic()})
-            self.restarting.clear()
 
     def restart(self) -> None:
         """`systemctl restart`: stop (SIGTERM), then start at once."""
