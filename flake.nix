@@ -75,6 +75,7 @@
                   websockets
                   trustme
                   dnslib
+                  h11
                 ]
               ))
               pkgs.tailscale

@@ -47,6 +47,7 @@ python3Packages.buildPythonApplication {
     websockets
     trustme
     dnslib
+    h11
     cryptography
   ];
 
