@@ -74,6 +74,7 @@
                   websockets
                   trustme
                   dnslib
+                  h11
                 ]
               ))
               pkgs.tailscale

@@ -46,6 +46,7 @@ python3Packages.buildPythonApplication {
     websockets
     trustme
     dnslib
+    h11
     cryptography
   ];
 

@@ -41,6 +41,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.systemd)
         if "/oci/" in str(item.fspath):
             item.add_marker(pytest.mark.oci)
+        if "/soak/" in str(item.fspath):
+            item.add_marker(pytest.mark.soak)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -118,6 +118,7 @@ class ControlServer:
                                  headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
         if path == "/health" and with_health:
             body = self.health.as_json()
+            body["tasks"] = len(asyncio.all_tasks())  # for leak checks (bench/soak): back to its idle count
             if "probe" in request.query:
                 body["upstream"].update(await self.probe_upstream())
             return WholeResponse(status=200 if self.health.ready else 503, text=json.dumps(body),

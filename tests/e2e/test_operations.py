@@ -67,6 +67,17 @@ def test_without_notify_socket_readiness_is_still_visible_in_health(make_tsnsrv,
     assert health["upstream"]["answers"] is True and health["upstream"]["status"] == 200
 
 
+def test_health_counts_the_asyncio_tasks_which_return_to_their_idle_count(make_tsnsrv, upstream, laptop):
+    """What bench/soak checks for leaks after every fault: the count comes back once the
+    requests, and their connections, are gone."""
+    service = make_tsnsrv("task-count", upstream.url)
+    idle = service.health()["tasks"]
+    assert isinstance(idle, int) and idle > 0
+    for path in ("/a", "/bytes/300000", "/sse?n=2&gap=0.1"):
+        assert laptop.curl("-o", "/dev/null", "-w", "%{http_code}", f"http://{service.ip}{path}").stdout == b"200"
+    wait_for(lambda: service.health()["tasks"] == idle, 10, "the task count back at its idle value")
+
+
 def run_status(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([tsnsrv_command(), "status", *args], capture_output=True, text=True, timeout=30)
 

@@ -29,17 +29,20 @@ def build_go_tsnsrv() -> Path:
 
 
 class GoTsnsrv:
-    """One Go tsnsrv service in plaintext mode on port 80, logged in with an auth key."""
+    """One Go tsnsrv service in plaintext mode on port 80, logged in with an auth key; or,
+    given `tls_files` (certificate, key), over TLS on port 443 with those files."""
 
     def __init__(self, binary: Path, name: str, upstream: str, workdir: Path, headscale: Headscale, auth_key: str,
-                 *flags: str):
+                 *flags: str, tls_files: tuple[Path, Path] | None = None):
         self.name = name
         workdir.mkdir(parents=True, exist_ok=True)
         key_file = workdir / "authkey"
         key_file.write_text(auth_key + "\n")
         key_file.chmod(0o600)
         (workdir / "state").mkdir(exist_ok=True)
-        argv = [str(binary), "-name", name, "-plaintext", "-listenAddr", ":80", "-stateDir", str(workdir / "state"),
+        listen = ["-plaintext", "-listenAddr", ":80"] if tls_files is None else [
+            "-certificateFile", str(tls_files[0]), "-keyFile", str(tls_files[1]), "-listenAddr", ":443"]
+        argv = [str(binary), "-name", name, *listen, "-stateDir", str(workdir / "state"),
                 "-authkeyPath", str(key_file), "-prometheusAddr=", "-timeout", "120s", *flags, upstream]
         # tsnet reads the control URL from TS_URL; the offline knobs are tailscaled's.
         env = offline_env(TS_URL=headscale.url, TS_LOGS_DIR=str(workdir))
@@ -49,6 +52,10 @@ class GoTsnsrv:
     def start(self, clients: list[TailscaleNode]) -> GoTsnsrv:
         """Start; return once every one of `clients` reaches it."""
         self.process.start()
+        return self.wait_on_tailnet(clients)
+
+    def wait_on_tailnet(self, clients: list[TailscaleNode]) -> GoTsnsrv:
+        """Until every one of `clients` reaches the (started) service."""
         first = clients[0]
 
         def address() -> str | None:

@@ -32,6 +32,7 @@ let
       "websockets"
       "trustme"
       "dnslib"
+      "h11"
       "cryptography"
     ] (name: fake name { pname = name; })
     // {
