@@ -276,6 +276,7 @@ class Proxy:
                     if not websocket:  # only a websocket upgrade is asked for, and relayed
                         return self._upstream_failed(exchange, UpstreamProtocolError(
                             "101 Switching Protocols unasked"), deadline)
+                    deadline.reschedule(None)  # the session keeps its own idle timeout
                     return await self._relay_websocket(exchange, upstream)
                 return await self._relay_response(exchange, upstream, deadline)
         except TimeoutError:

@@ -4,6 +4,8 @@ break streams."""
 
 from __future__ import annotations
 
+import json
+
 import socket
 import ssl
 import sys
@@ -138,6 +140,40 @@ def test_idle_timeout_cuts_a_silent_stream_but_not_a_flowing_one(make_tsnsrv, up
     assert flowing.returncode == 0 and flowing.stdout.count(b"data:") == 6
     assert silent.returncode != 0  # cut off mid-stream
     assert silent.stdout.count(b"data:") == 1
+
+
+WEBSOCKET_TICKS = """
+import asyncio, json, sys
+import websockets
+
+async def main(url):
+    async with websockets.connect(url, ping_interval=None) as ws:
+        ticks = 0
+        for i in range(10):  # 3 s of traffic, past the 1 s idle timeout
+            await ws.send(f"tick {i}")
+            ticks += await ws.recv() == f"tick {i}"
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(3)  # then silence
+        try:
+            await ws.send("anyone?")
+            await asyncio.wait_for(ws.recv(), 10)
+            closed = False
+        except websockets.ConnectionClosed:
+            closed = True
+    print(json.dumps({"ticks": ticks, "closed_after_silence": closed}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_idle_timeout_ends_a_silent_websocket_but_not_a_talking_one(make_tsnsrv, upstream, laptop):
+    service = make_tsnsrv("ws-idler", upstream.url, "--upstream-idle-timeout", "1s")
+
+    result = laptop.run([sys.executable, "-c", WEBSOCKET_TICKS, f"ws://{service.ip}/ws"], timeout=60)
+
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout) == {"ticks": 10, "closed_after_silence": True}
+    assert 'note="websocket idle for 1s"' in service.log()
 
 
 SLOWLORIS = """
