@@ -311,20 +311,20 @@ class Proxy:
         headers = [(name, value) for name, value in upstream_headers.items()
                    if (lower := name.lower()) not in NOT_RETURNED and lower not in dropped]
         status, reason, length = upstream.status, upstream.reason, upstream.content_length
-        exchange.status = status
+        # exchange.status is set once the head goes out: a failure before that still gets a page.
         if request.method == "HEAD" or status in (204, 304):
             if length is not None:
                 headers.append(("Content-Length", str(length)))
             upstream.release()
+            exchange.status = status
             return WholeResponse(status=status, reason=reason, headers=headers)
         if length is not None and length <= WHOLE_BODY_LIMIT:
             try:
                 body = await upstream.read()
             except (aiohttp.ClientError, ConnectionError) as exc:
-                exchange.status = 0
                 return self._upstream_failed(exchange, exc, deadline)
             upstream.release()
-            exchange.bytes_out = len(body)
+            exchange.status, exchange.bytes_out = status, len(body)
             return WholeResponse(status=status, reason=reason, headers=headers, body=body)
         response = (ProxyResponse if length is None else CoalescedResponse)(status=status, reason=reason,
                                                                             headers=headers)
@@ -333,12 +333,17 @@ class Proxy:
         content, idle = upstream.content, self._timeouts[1]
         close_delimited = length is None and "chunked" not in upstream_headers.get("Transfer-Encoding", "").lower()
         try:
-            await response.prepare(request)
+            if length is None:  # a stream (events, a long poll): its head goes out at once
+                await response.prepare(request)
+                exchange.status = status
             while True:
                 try:
                     chunk = await content.readany()
                 except (aiohttp.ClientError, ConnectionError) as exc:
-                    return self._cut_off(exchange, exc)
+                    return self._upstream_failed(exchange, exc, deadline)
+                if not exchange.status:  # a body of known length: its head goes out with its first bytes
+                    await response.prepare(request)
+                    exchange.status = status
                 if not chunk:
                     break
                 exchange.bytes_out += len(chunk)
@@ -415,6 +420,7 @@ class Proxy:
 
     def _upstream_failed(self, exchange: Exchange, exc: BaseException,
                          deadline: asyncio.Timeout) -> StreamResponse:
+        """A 502/504 page; or, once the response head went out, the client cut off."""
         if not deadline.expired():
             deadline.reschedule(None)  # the page goes out whatever the timeouts say
         if exchange.status:

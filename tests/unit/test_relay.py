@@ -24,6 +24,7 @@ from harness.inprocess import raw_exchange, served
 PEER = Peer("100.64.0.9", 1234, TAILNET, tls=False)
 BIG = WHOLE_BODY_LIMIT * 4  # past what is read whole: streamed
 RESET = b"<reset>"  # at the end of a scripted answer: the upstream resets the connection after it
+STALL = b"<stall>"  # ...or sends nothing more and keeps it open
 
 
 def scripted(status_and_headers: bytes, body: bytes) -> bytes:
@@ -40,11 +41,13 @@ async def upstream() -> AsyncIterator[tuple[int, list[bytes]]]:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         answer = answers.pop(0)
-        writer.write(answer.removesuffix(RESET))
+        writer.write(answer.removesuffix(RESET).removesuffix(STALL))
         answers.append(head)
         await writer.drain()
         if answer.endswith(RESET):  # close with a reset (RST), not a FIN
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if answer.endswith(STALL):
+            await reader.read()  # until the proxy gives up on it
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
@@ -52,9 +55,9 @@ async def upstream() -> AsyncIterator[tuple[int, list[bytes]]]:
     server.close()
 
 
-async def through_proxy(port: int, request: bytes = b"GET /x HTTP/1.1\r\nHost: books\r\nConnection: close\r\n\r\n"
-                        ) -> bytes:
-    cfg = load({"name": "books", "toURL": f"http://127.0.0.1:{port}", "upstreamRetryWindow": 0})
+async def through_proxy(port: int, request: bytes = b"GET /x HTTP/1.1\r\nHost: books\r\nConnection: close\r\n\r\n",
+                        **config) -> bytes:
+    cfg = load({"name": "books", "toURL": f"http://127.0.0.1:{port}", "upstreamRetryWindow": 0, **config})
     proxy = Proxy(cfg, None, Metrics())
     try:
         async with served(proxy.handle, PEER) as front:
@@ -148,3 +151,21 @@ async def test_the_upstream_gets_no_header_the_client_did_not_send_but_ours(upst
     names = {line.split(b":")[0].lower() for line in head.split(b"\r\n")[1:] if line}
     assert not names & {b"accept", b"accept-encoding", b"user-agent", b"content-type"}, head
     assert b"content-length" in names and b"x-forwarded-for" in names
+
+
+@pytest.mark.asyncio
+async def test_a_body_that_never_starts_is_a_504_not_a_cut(upstream):
+    # Its head is held back for its first bytes: nothing went out, so the client gets a page.
+    port, answers = upstream
+    answers.append(scripted(b"200 OK\r\nContent-Length: %d" % BIG, b"") + STALL)
+    answer = await through_proxy(port, upstreamIdleTimeout=0.5)
+    assert answer.startswith(b"HTTP/1.1 504 ") and b"timed out" in answer
+
+
+@pytest.mark.asyncio
+async def test_a_stream_that_stalls_after_its_head_is_cut_off(upstream):
+    # An event stream's head goes out at once: after that, only a cut can tell the client.
+    port, answers = upstream
+    answers.append(scripted(b"200 OK\r\nTransfer-Encoding: chunked", b"5\r\nfirst\r\n") + STALL)
+    head, _, body = (await through_proxy(port, upstreamIdleTimeout=0.5)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and dechunk(body) == (b"first", False)
