@@ -328,26 +328,32 @@ class Asserter:
         while True:
             now = self._clock()
             await asyncio.sleep(max(0.0, next_change(self.keys, now) - now))
-            now = self._clock()
-            renewed = schedule(self.keys, now, self.rotation, self.lifetime)
-            if renewed == self.keys:
-                continue
-            previous, self.keys = self.keys, renewed
             try:
-                self._persist()
+                self.renew(self._clock())
             except AssertionSetupError as exc:
-                # The keys published so far stay valid; keep signing with the old one.
-                self.keys = previous
-                log.error("identity assertions: cannot store the next keys (%s); retrying in %gs", exc,
-                          RETRY_AFTER_WRITE_FAILURE)
+                log.error("identity assertions: cannot store the next keys (%s); signing with the current one, "
+                          "retrying in %gs", exc, RETRY_AFTER_WRITE_FAILURE)
                 await asyncio.sleep(RETRY_AFTER_WRITE_FAILURE)
-                continue
-            old = self._signing.kid
-            self._apply(now)
-            if self._signing.kid != old:
-                published = {key.kid: _when(key.published_until) for key in self.keys}
-                log.info("identity assertions: key %s signs now (until %s); %s stays published until %s",
-                         self._signing.kid, _when(self._signing.signs_until), old, published.get(old, "now"))
+
+    def renew(self, now: float) -> None:
+        """Bring the keys, the JWKS file and the signing key to what `schedule` says for
+        `now`; if they cannot be stored, nothing changes (what is published stays valid)."""
+        renewed = schedule(self.keys, now, self.rotation, self.lifetime)
+        if renewed == self.keys:
+            return
+        previous = self.keys, self._signing, self._jwks
+        self.keys = renewed
+        self._apply(now)
+        try:
+            self._persist()
+        except AssertionSetupError:
+            self.keys, self._signing, self._jwks = previous
+            raise
+        if self._signing.kid != previous[1].kid:
+            published = {key.kid: _when(key.published_until) for key in self.keys}
+            log.info("identity assertions: key %s signs now (until %s); %s stays published until %s",
+                     self._signing.kid, _when(self._signing.signs_until), previous[1].kid,
+                     published.get(previous[1].kid, "now"))
 
     def describe(self) -> str:
         upcoming = [key for key in self.keys if key.signs_from > self._signing.signs_from]

@@ -50,13 +50,13 @@ def _build_dir() -> Path:
     return dev_cache() / f"routing-stacks-{digest.hexdigest()[:16]}"
 
 
-def _run(argv: list[str], cwd: Path) -> None:
+def run_build_step(argv: list[str], cwd: Path) -> None:
     result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed in {cwd}:\n{result.stdout}{result.stderr}")
 
 
-def _require(tool: str, stack: str) -> str:
+def require_tool(tool: str, stack: str) -> str:
     found = shutil.which(tool)
     if found is None:
         raise RuntimeError(f"the {stack} routing stack needs {tool} on $PATH")
@@ -67,9 +67,9 @@ def _build(stack: str, out: Path) -> None:
     if stack == "express":
         for name in ("package.json", "package-lock.json", "server.js"):
             shutil.copy(SOURCES / name, out)
-        _run([_require("npm", stack), "ci", "--no-audit", "--no-fund", "--omit=dev"], out)
+        run_build_step([require_tool("npm", stack), "ci", "--no-audit", "--no-fund", "--omit=dev"], out)
     elif stack == "go":
-        _run([_require("go", stack), "build", "-o", str(out / "server"), "."], SOURCES)
+        run_build_step([require_tool("go", stack), "build", "-o", str(out / "server"), "."], SOURCES)
     elif stack == "tomcat":
         for path, sha256 in TOMCAT_JARS.items():
             with urllib.request.urlopen(MAVEN_CENTRAL + path, timeout=120) as response:
@@ -77,8 +77,8 @@ def _build(stack: str, out: Path) -> None:
             if hashlib.sha256(data).hexdigest() != sha256:
                 raise RuntimeError(f"{path} from Maven Central does not have the pinned sha256")
             (out / Path(path).name).write_bytes(data)
-        _run([_require("javac", stack), "-d", str(out), "-cp", str(out / "*"), str(SOURCES / "RoutingServer.java")],
-             out)
+        run_build_step([require_tool("javac", stack), "-d", str(out), "-cp", str(out / "*"),
+                        str(SOURCES / "RoutingServer.java")], out)
 
 
 def stack_argv(stack: str, port: int) -> list[str]:
@@ -88,7 +88,7 @@ def stack_argv(stack: str, port: int) -> list[str]:
     if stack == "drf":  # Django and DRF are test dependencies (python/pyproject.toml)
         return [sys.executable, str(SOURCES / "server_drf.py"), str(port)]
     if stack == "node-url":
-        return [_require("node", stack), str(SOURCES / "url-server.js"), str(port)]
+        return [require_tool("node", stack), str(SOURCES / "url-server.js"), str(port)]
     out = _build_dir() / stack
     if not (out / ".built").exists():
         shutil.rmtree(out, ignore_errors=True)
@@ -96,10 +96,10 @@ def stack_argv(stack: str, port: int) -> list[str]:
         _build(stack, out)
         (out / ".built").touch()
     if stack == "express":
-        return [_require("node", stack), str(out / "server.js"), str(port)]
+        return [require_tool("node", stack), str(out / "server.js"), str(port)]
     if stack == "go":
         return [str(out / "server"), str(port)]
-    return [_require("java", stack), "-cp", f"{out}:{out}/*", "RoutingServer", str(port)]
+    return [require_tool("java", stack), "-cp", f"{out}:{out}/*", "RoutingServer", str(port)]
 
 
 class RoutingUpstream:

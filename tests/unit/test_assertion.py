@@ -185,12 +185,14 @@ def test_keys_hand_over_and_a_retired_key_leaves_once_its_last_assertion_expired
     assert len(keys) == 2
 
 
-def test_through_many_rotations_every_assertion_verifies_with_any_jwks_fetched_since_one_rotation_before(tmp_path):
-    """A verifier that reloads the JWKS once per rotation period, or on an unknown kid,
-    never meets a key it cannot find, before or after the key it signed with retires."""
+def test_through_many_rotations_every_assertion_verifies_with_any_jwks_file_read_since_one_rotation_before(tmp_path):
+    """A verifier that reloads the JWKS file once per rotation period, or on an unknown
+    kid, never meets a key it cannot find, before or after the key it signed with retires."""
     clock = Clock()
-    asserter = make_asserter(tmp_path, clock, assertionLifetime=30, assertionKeyRotation=100)
-    snapshots: list[tuple[float, bytes]] = [(clock.now, asserter.jwks_bytes)]
+    jwks_file = tmp_path / "jwks.json"
+    asserter = make_asserter(tmp_path, clock, assertionLifetime=30, assertionKeyRotation=100,
+                             assertionJwksFile=str(jwks_file))
+    snapshots: list[tuple[float, bytes]] = [(clock.now, jwks_file.read_bytes())]
     signed: list[tuple[float, str]] = []
     end = T0 + 1000
     while clock.now < end:
@@ -200,9 +202,9 @@ def test_through_many_rotations_every_assertion_verifies_with_any_jwks_fetched_s
             signed.append((clock.now, token_of(asserter.headers(ALICE, "GET", "/"))))
             clock.now += 7
         clock.now = max(clock.now, wake)
-        asserter.keys = schedule(asserter.keys, clock.now, asserter.rotation, asserter.lifetime)
-        asserter._apply(clock.now)
-        snapshots.append((clock.now, asserter.jwks_bytes))
+        asserter.renew(clock.now)
+        snapshots.append((clock.now, jwks_file.read_bytes()))
+        assert snapshots[-1][1] == asserter.jwks_bytes
 
     kids_used = {jwt.get_unverified_header(token)["kid"] for _, token in signed}
     assert len(kids_used) >= 9
