@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .processes import ManagedProcess, free_port, wait_for
+from .processes import ManagedProcess, free_port, wait_until_listening
 from .routing_stacks import dev_cache, require_tool, run_build_step
 
 SOURCES = Path(__file__).with_name("assertion_verifiers")
@@ -70,13 +69,7 @@ class VerifyingUpstream:
         argv = [*verifier_command(self.language), str(self.port), str(jwks_file), audience, issuer]
         self.process = ManagedProcess(f"verifier-{self.language}", argv + (["bound"] if bound else []),
                                       self.workdir / f"verifier-{self.language}.log").start()
-
-        def listening() -> bool:
-            if not self.process.running:
-                raise AssertionError(f"the {self.language} verifier exited:\n{self.process.log_tail()}")
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        wait_for(listening, 60, f"the {self.language} verifier to listen")
+        wait_until_listening(self.process, self.port, f"the {self.language} verifier")
         return self
 
     def call(self, path: str = "/", method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, Any]:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
-from .processes import ManagedProcess, free_port, wait_for
+from .processes import ManagedProcess, free_port, wait_until_listening
 
 SOURCES = Path(__file__).with_name("routing")
 STACKS = ("express", "node-url", "go", "python", "drf", "tomcat")
@@ -116,13 +115,7 @@ class RoutingUpstream:
 
     def start(self) -> RoutingUpstream:
         self.process.start()
-
-        def listening() -> bool:
-            if not self.process.running:
-                raise AssertionError(f"the {self.stack} upstream exited:\n{self.process.log_tail()}")
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        wait_for(listening, 60, f"the {self.stack} upstream to listen")
+        wait_until_listening(self.process, self.port, f"the {self.stack} upstream")
         return self
 
     def stop(self) -> None:
