@@ -13,6 +13,8 @@ few seconds throughout, as they do, much more slowly, in production.
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import re
 import subprocess
 import tempfile
@@ -28,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from harness.assertion_upstreams import HEADER, LANGUAGES, VerifyingUpstream
 from harness.processes import free_port, wait_for
+from harness.tailnet import offline_env
 from harness.tsnsrv import TAILSCALED_TEST_USER, Tsnsrv, get_unix, tsnsrv_command
 
 # Short enough to see expiry and several key rotations within a test.
@@ -233,3 +236,32 @@ def test_the_public_keys_are_published_alike_and_the_private_ones_kept_from_tail
     assert as_tailscaleds_account.returncode != 0
     assert "Permission denied" in as_tailscaleds_account.stderr
     assert (service.dir / "state" / "tailscaled.state").stat().st_uid != keys_dir.stat().st_uid
+
+
+@pytest.mark.parametrize("case", ["no such directory", "tailscaled's directory", "a key directory planted there"])
+def test_keys_or_a_jwks_where_they_are_not_safe_refuse_the_start_naming_the_option(case, service_dir, bin_dir):
+    state = service_dir / "state"
+    daemon_account = pwd.getpwnam(TAILSCALED_TEST_USER)
+    if case == "no such directory":
+        flags, expected = ["--assertion-jwks-file", str(service_dir / "nowhere" / "jwks.json")], \
+            ("--assertion-jwks-file (assertionJwksFile)", "is not an existing directory")
+    elif case == "tailscaled's directory":
+        state.mkdir()
+        os.chown(state, daemon_account.pw_uid, daemon_account.pw_gid)
+        flags, expected = ["--assertion-jwks-file", str(state / "jwks.json")], \
+            ("--assertion-jwks-file (assertionJwksFile)", f"belongs to {TAILSCALED_TEST_USER}")
+    else:  # what tailscaled's account could do in the state directory it owns
+        (state / "assertion-keys").mkdir(parents=True, mode=0o700)
+        os.chown(state / "assertion-keys", daemon_account.pw_uid, daemon_account.pw_gid)
+        flags, expected = [], ("--assertion-key-dir (assertionKeyDir)", f"belongs to uid {daemon_account.pw_uid}")
+
+    result = subprocess.run([tsnsrv_command(), "--name", "refused", "--state-dir", str(state),
+                             "--control-socket", str(service_dir / "control.sock"),
+                             "--tailscaled", str(bin_dir / "tailscaled"), "--tailscaled-user", TAILSCALED_TEST_USER,
+                             "--plaintext", "--assertions", *flags, "http://127.0.0.1:9"],
+                            capture_output=True, text=True, timeout=60, env=offline_env())
+
+    assert result.returncode == 2, result.stderr
+    problem = next(line for line in result.stderr.splitlines() if line.startswith("  - "))
+    assert all(part in problem for part in expected), result.stderr
+    assert not (state / "tailscaled.state").exists() and not (service_dir / "control.sock").exists()
