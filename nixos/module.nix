@@ -223,7 +223,9 @@ let
     lib.optionalAttrs service.assertions {
       StateDirectory = paths.assertionKeyDirectory;
       StateDirectoryMode = "0700";
-      ReadWritePaths = [ (dirOf jwksFile) ];
+      # "-": a missing directory is for tsnsrv to name (assertionJwksFile), not a
+      # namespace failure of the unit.
+      ReadWritePaths = [ "-${dirOf jwksFile}" ];
     };
 
   proxyUnit =

@@ -288,14 +288,14 @@ def test_the_signing_keys_are_in_a_state_directory_of_the_proxy_unit_alone(asser
 def test_the_public_keys_go_where_upstreams_read_them(asserted: dict) -> None:
     books = asserted["units"]["tsnsrv-books"]["serviceConfig"]
     assert asserted["expected"]["books"]["settings"]["assertionJwksFile"] == "/run/tsnsrv-jwks.d/books.json"
-    assert books["ReadWritePaths"] == ["/run/tsnsrv-jwks.d"]
+    assert books["ReadWritePaths"] == ["-/run/tsnsrv-jwks.d"]
     assert "tsnsrv-jwks" in books["SupplementaryGroups"]
     # Anyone may read; the services may add files; each file stays its writer's (sticky).
     assert asserted["tmpfilesRules"] == ["d /run/tsnsrv-jwks.d 1775 root tsnsrv-jwks - -"]
     assert "tsnsrv-jwks" in asserted["groups"]
     grafana = asserted["units"]["tsnsrv-grafana"]["serviceConfig"]
     assert asserted["expected"]["grafana"]["settings"]["assertionJwksFile"] == "/var/lib/grafana/tsnsrv/jwks.json"
-    assert grafana["ReadWritePaths"] == ["/var/lib/grafana/tsnsrv"]
+    assert grafana["ReadWritePaths"] == ["-/var/lib/grafana/tsnsrv"]
     assert grafana["SupplementaryGroups"] == ["grafana"]
 
 
