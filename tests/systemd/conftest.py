@@ -78,9 +78,6 @@ def write_wrappers(directory: Path, bin_dir: Path, headscale: Headscale, client:
 
 INSTALL_UNITS = """
 set -e
-# Under emulation the guest's clock can leap at boot, so that systemd gives up waiting for
-# the run disk (x-systemd.device-timeout) although the device is there.
-mountpoint -q /nix || mount /nix
 while read -r group; do getent group "$group" >/dev/null || groupadd --system "$group"; done </nix/units/base/groups
 cp /nix/units/base/tmpfiles.conf /etc/tmpfiles.d/nixos-tsnsrv.conf
 systemd-tmpfiles --create /etc/tmpfiles.d/nixos-tsnsrv.conf
