@@ -11,7 +11,9 @@ import stat
 import jwt
 import pytest
 
-from tsnsrv.access import Identity
+from harness.inprocess import upstream_headers_of
+
+from tsnsrv.access import FUNNEL, TAILNET, Identity
 from tsnsrv.assertion import (
     CLOCK_SKEW_MARGIN,
     HEADER,
@@ -25,6 +27,9 @@ from tsnsrv.assertion import (
     write_jwks_file,
 )
 from tsnsrv.config import load
+from tsnsrv.front import Peer
+from tsnsrv.metrics import Metrics
+from tsnsrv.proxy import Proxy
 
 ALICE = Identity(user_id="1", login_name="alice@example.com", display_name="Alice", node_id="7", node_name="laptop")
 CI = Identity(user_id="3", login_name="tagged-devices", display_name="Tagged Devices", node_id="9",
@@ -112,6 +117,24 @@ def test_another_audience_or_a_foreign_key_is_refused(tmp_path):
         verify(token, other.jwks_bytes, clock.now, audience="books")
     with pytest.raises(StopIteration):  # its kid is not among books' keys
         verify(token, books.jwks_bytes, clock.now, audience="other")
+
+
+def test_the_request_path_sends_one_assertion_for_what_goes_upstream_and_none_of_the_clients(tmp_path):
+    clock = Clock()
+    cfg = load({"name": "books", "toURL": "http://127.0.0.1:8083", "assertions": True,
+                "assertionBindRequest": True})
+    proxy = Proxy(cfg, None, Metrics())
+    proxy.asserter = make_asserter(tmp_path, clock, assertionBindRequest=True)
+    tailnet, funnel = Peer("100.64.0.5", 40000, TAILNET, tls=True), Peer("203.0.113.7", 50000, FUNNEL, tls=True)
+    forged = {"Host": "books", HEADER: "forged", HEADER.replace("-", "_"): "forged"}
+
+    sent = upstream_headers_of(proxy, forged, tailnet, ALICE, target="/api/x?y=1")
+    public = upstream_headers_of(proxy, forged, funnel, None, target="/kobo/")
+
+    [assertion] = sent.getall(HEADER)
+    claims = verify(assertion, proxy.asserter.jwks_bytes, clock.now)
+    assert (claims["login"], claims["htm"], claims["htu"]) == ("alice@example.com", "GET", "/api/x?y=1")
+    assert HEADER not in public and HEADER.replace("-", "_") not in public
 
 
 # --- reuse and binding -------------------------------------------------------------
