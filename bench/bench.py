@@ -47,6 +47,9 @@ from harness.tailnet import ClientDevice, NetworkNamespace, TailscaleNode, offli
 from harness.tsnsrv import Tsnsrv, ensure_tailscaled_test_user, tsnsrv_command  # noqa: E402
 
 CANDIDATES = ("limit", "go-tsnsrv", "tsnsrv")
+# With --assertions: ours signing identity assertions, unbound and bound; measured with the
+# small GETs only, against ours with them off.
+ASSERTION_KINDS = ("assertions", "assertions-bound")
 MIB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CACHE = Path("/var/cache/tsnsrv-dev") if os.geteuid() == 0 else \
@@ -439,8 +442,26 @@ class Variant(OurTsnsrv):
         return dict(item.split("=", 1) for item in self.bench.args.variant_env or [])
 
 
+class Asserted(OurTsnsrv):
+    """Ours signing an identity assertion for each request (one per client, reused)."""
+
+    kind = "assertions"
+
+    def extra_args(self) -> list[str]:
+        return ["--assertions"]
+
+
+class AssertedBound(OurTsnsrv):
+    """Ours signing a request-bound identity assertion for every request."""
+
+    kind = "assertions-bound"
+
+    def extra_args(self) -> list[str]:
+        return ["--assertions", "--assertion-bind-request"]
+
+
 KINDS: dict[str, type[Candidate]] = {"limit": Limit, "go-tsnsrv": GoTsnsrv, "tsnsrv": OurTsnsrv,
-                                     "variant": Variant}
+                                     "variant": Variant, "assertions": Asserted, "assertions-bound": AssertedBound}
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -529,6 +550,7 @@ class Bench:
         self.netns = NetworkNamespace(f"tsb{pid}", f"198.19.{block}.1", f"198.19.{block}.2")
         self.stack: list[Any] = []
         self.kinds = list(CANDIDATES) + (["variant"] if args.variant_env or args.variant_arg else [])
+        self.kinds += list(ASSERTION_KINDS) if args.assertions else []
         self.samples: dict[str, dict[str, list[float]]] = {kind: {} for kind in self.kinds}
         self.runs: list[dict[str, Any]] = []
         self.processes: dict[str, list[tuple[int, str, int]]] = {}
@@ -605,8 +627,8 @@ class Bench:
         if not self.args.keep_work:
             shutil.rmtree(self.work, ignore_errors=True)
 
-    def order(self, round_index: int) -> list[str]:
-        kinds = list(self.kinds)
+    def order(self, round_index: int, with_assertions: bool = False) -> list[str]:
+        kinds = [kind for kind in self.kinds if with_assertions or kind not in ASSERTION_KINDS]
         shift = round_index % len(kinds)
         return kinds[shift:] + kinds[:shift]
 
@@ -655,7 +677,7 @@ class Bench:
         seconds = self.profile["wrk_seconds"]
         for connections in self.profile["concurrency"]:
             with step(f"round {round_index + 1}: small GET, c={connections}, {seconds}s each"):
-                for kind in self.order(round_index):
+                for kind in self.order(round_index, with_assertions=True):
                     stats, cpu, peak = self.wrk(self.candidates[kind], connections, seconds)
                     self.runs.append({"kind": kind, "round": round_index, "test": f"wrk-c{connections}",
                                       **stats, "cpu_s": cpu, "rss_peak_mib": peak})
@@ -999,6 +1021,32 @@ ROWS: list[tuple[str, str, str, int]] = [
 ]
 
 
+ASSERTION_ROWS = [
+    ("rps_c1", "small GET c=1: requests/s", 0),
+    ("rps_c64", "small GET c=64: requests/s", 0),
+    ("p99_c64_ms", "small GET c=64: p99 latency (ms)", 2),
+    ("cpu_per_10k_c1_s", "CPU s per 10k requests, c=1 (proxy + tailscaled)", 2),
+    ("cpu_per_10k_c64_s", "CPU s per 10k requests, c=64 (proxy + tailscaled)", 2),
+    ("proxy_cpu_per_10k_c1_s", "CPU s per 10k requests, c=1 (Python alone)", 2),
+    ("proxy_cpu_per_10k_c64_s", "CPU s per 10k requests, c=64 (Python alone)", 2),
+]
+
+
+def assertion_rows(summary: dict[str, dict[str, float]]) -> list[str]:
+    """Ours with identity assertions (unbound, bound) against ours with them off."""
+    off, unbound, bound = summary["tsnsrv"], summary["assertions"], summary["assertions-bound"]
+    lines = ["## Identity assertions", "",
+             "ours with `--assertions` (unbound: one assertion per client, reused until shortly before it "
+             "expires) and with `--assertion-bind-request` as well (bound: one signature per request), against ours "
+             "with assertions off; same small GETs, interleaved.", "",
+             "| measure | off | unbound | bound | unbound/off | bound/off |", "| --- |" + " ---: |" * 5]
+    for key, label, decimals in ASSERTION_ROWS:
+        values = [off.get(key), unbound.get(key), bound.get(key)]
+        lines.append(f"| {label} | " + " | ".join(fmt(v, decimals) for v in values) +
+                     f" | {ratio(values[1], values[0])} | {ratio(values[2], values[0])} |")
+    return lines + [""]
+
+
 def fmt(value: float | None, decimals: int) -> str:
     if value is None or value != value:
         return "n/a"
@@ -1066,7 +1114,7 @@ def markdown(result: dict[str, Any], machine: dict[str, str]) -> str:
                   f"{during.get('busy_samples', '?')} of {during.get('samples', '?')} checks every 5 s; load average "
                   f"up to {during.get('max_load1', noise['after']['loadavg'][0]):.1f}; e.g. `{examples[0]}`). "
                   "Ratios between candidates are more trustworthy than absolute figures.", ""]
-    kinds = result.get("kinds", list(CANDIDATES))
+    kinds = [kind for kind in result.get("kinds", list(CANDIDATES)) if kind not in ASSERTION_KINDS]
     variant = "variant" in kinds
     if variant:
         lines += [f"variant = ours with {' '.join(result['variant']['env'] + result['variant']['args'])}", ""]
@@ -1090,6 +1138,8 @@ def markdown(result: dict[str, Any], machine: dict[str, str]) -> str:
               ", ".join(f"{kind} {errors[kind]:.0f}" for kind in kinds) + ".", ""]
     for note in result.get("notes", []):
         lines += [f"Note: {note}.", ""]
+    if ASSERTION_KINDS[0] in result.get("kinds", []):
+        lines += assertion_rows(summary)
     lines += ["## Targets (issue 10)", "", "| target | ours | met |", "| --- | ---: | :---: |"]
     for label, value, met in targets(summary):
         lines.append(f"| {label} | {value} | {'yes' if met else 'n/a' if met is None else '**no**'} |")
@@ -1129,7 +1179,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     summary = result["summary"]
     colors = {"limit": "#9e9e9e", "go-tsnsrv": "#4c78a8", "tsnsrv": "#f58518", "variant": "#54a24b"}
-    kinds = result.get("kinds", list(CANDIDATES))
+    kinds = [kind for kind in result.get("kinds", list(CANDIDATES)) if kind not in ASSERTION_KINDS]
     figure, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
         (axes[0][0], "small GET requests/s", [f"rps_c{c}" for c in result["profile"]["concurrency"]],
@@ -1229,6 +1279,8 @@ def main() -> int:
                         help="add a fourth candidate: ours with this environment variable, repeatable")
     parser.add_argument("--variant-arg", action="append", metavar="ARG",
                         help="add a fourth candidate: ours with this extra argument, repeatable")
+    parser.add_argument("--assertions", action="store_true",
+                        help="also measure ours with identity assertions on, unbound and bound (small GETs only)")
     parser.add_argument("--rounds", type=int, help="rounds of small GETs (overrides the mode's)")
     parser.add_argument("--seconds", type=float, help="seconds per wrk run (overrides the mode's)")
     parser.add_argument("--skip-transfers", action="store_true", help="no big downloads/uploads (for A/B runs)")

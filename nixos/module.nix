@@ -63,6 +63,8 @@ let
     };
 
   unitOf = unit: "tsnsrv-${unit}";
+  # May add files to render.jwksDir, where the services publish their assertion keys.
+  jwksGroup = "tsnsrv-jwks";
   daemonUnitOf = unit: "tsnsrv-${unit}-tailscaled";
 
   acmeCert = service: config.security.acme.certs.${service.acmeHost};
@@ -204,6 +206,28 @@ let
         };
     };
 
+  # Services whose JWKS goes to the module's default directory, render.jwksDir.
+  defaultJwksServices = filterAttrs (
+    unit: service: service.assertions && service.assertionJwksFile == null
+  ) cfg.services;
+
+  # Identity assertions: the signing keys in a state directory of the proxy unit alone
+  # (the daemon unit, the same dynamic user, never has it in its namespace), and the
+  # JWKS written where upstreams read it.
+  assertionSettings =
+    unit: service:
+    let
+      paths = render.paths unit;
+      jwksFile = render.jwksFileOf unit service;
+    in
+    lib.optionalAttrs service.assertions {
+      StateDirectory = paths.assertionKeyDirectory;
+      StateDirectoryMode = "0700";
+      # "-": a missing directory is for tsnsrv to name (assertionJwksFile), not a
+      # namespace failure of the unit.
+      ReadWritePaths = [ "-${dirOf jwksFile}" ];
+    };
+
   proxyUnit =
     unit: service:
     let
@@ -221,6 +245,7 @@ let
       serviceConfig =
         hardening
         // sharedDirectories unit
+        // assertionSettings unit service
         // {
           # READY=1 comes only once the node is up, the Serve config is set and the
           # front listener accepts; STOPPING=1 and the watchdog too.
@@ -251,7 +276,9 @@ let
           Restart = "always";
           RestartSec = "5s";
           SupplementaryGroups =
-            service.supplementalGroups ++ optional (service.acmeHost != null) (acmeCert service).group;
+            service.supplementalGroups
+            ++ optional (service.acmeHost != null) (acmeCert service).group
+            ++ optional (defaultJwksServices ? ${unit}) jwksGroup;
           LoadCredential = optional (service.authKeyPath != null) "authKey:${service.authKeyPath}";
         };
     };
@@ -377,6 +404,13 @@ in
         ${service.acmeHost}.reloadServices = [ "${unitOf unit}.service" ];
       }) (filterAttrs (_: service: service.acmeHost != null) cfg.services)
     );
+
+    # Everyone may read the public keys; the services' group may add files, but the
+    # sticky bit keeps each file its writer's alone to replace.
+    users.groups = lib.mkIf (defaultJwksServices != { }) { ${jwksGroup} = { }; };
+    systemd.tmpfiles.rules = lib.mkIf (defaultJwksServices != { }) [
+      "d ${render.jwksDir} 1775 root ${jwksGroup} - -"
+    ];
 
     systemd.services = lib.listToAttrs (
       concatMap (unit: [

@@ -106,6 +106,11 @@ let
         assertion = sidecar.service.acmeHost == null;
         message = "${where}: acmeHost is for services.tsnsrv.services; a sidecar serves the node's certificate, or certificateFile and certificateKey inside the container.";
       }
+      {
+        assertion =
+          sidecar.service.assertionJwksFile == null || lib.hasPrefix "/state/" sidecar.service.assertionJwksFile;
+        message = ''${where}: service.assertionJwksFile = "${toString sidecar.service.assertionJwksFile}" is a path inside the sidecar, which writes only to its volume /state; leave it null (/state/jwks.json, on the host /var/lib/${unitOf name}/jwks.json) or put it under /state/. The app in the container next to it can read the keys from http://127.0.0.1:PORT/jwks.json with service.metricsAddr = "127.0.0.1:PORT".'';
+      }
     ];
 in
 {

@@ -434,6 +434,65 @@ in
     description = "Extra headers set on every upstream request.";
   };
 
+  assertions = inheritable "assertions" {
+    type = types.bool;
+    default = false;
+    description = ''
+      Also send each tailnet client's identity as a signed assertion (a JWS, EdDSA over
+      Ed25519) in `X-Tailscale-Identity-Assertion`, which the upstream verifies with the
+      service's public keys (`assertionJwksFile`), so that a local process calling the
+      upstream directly cannot pose as a tailnet user. See docs/identity-assertions.md.
+    '';
+  };
+
+  assertionAudience = inheritable "assertionAudience" {
+    type = types.nullOr types.str;
+    default = null;
+    example = "grafana";
+    description = "Audience (`aud`) of the assertions. Null means the service's machine name.";
+  };
+
+  assertionLifetime = inheritable "assertionLifetime" {
+    type = duration;
+    default = 60;
+    description = "How long an assertion is valid (`exp` - `iat`); at least 1 second.";
+  };
+
+  assertionBindRequest = inheritable "assertionBindRequest" {
+    type = types.bool;
+    default = false;
+    description = ''
+      Bind each assertion to its request's method and target (`htm` and `htu` claims),
+      signing every request instead of reusing one assertion per client until shortly
+      before it expires.
+    '';
+  };
+
+  assertionKeyRotation = inheritable "assertionKeyRotation" {
+    type = duration;
+    default = 604800;
+    example = "720h";
+    description = ''
+      How long each signing key signs (at least `assertionLifetime`). Its successor is
+      in the JWKS that long before it takes over, and a retired key stays there until
+      its last assertion expired.
+    '';
+  };
+
+  assertionJwksFile = inheritable "assertionJwksFile" {
+    type = types.nullOr hostPath;
+    default = null;
+    example = "/var/lib/grafana/tsnsrv-jwks.json";
+    description = ''
+      Where the service writes its public keys (a JWKS, mode 0644) for the upstream.
+      Null means `/run/tsnsrv-jwks.d/<name>.json` (`<name>` is the attribute name), in a
+      directory that only the services' group `tsnsrv-jwks` may add files to. Another
+      directory must exist and be writable by the service (e.g. through
+      `supplementalGroups`); it is added to the unit's `ReadWritePaths=`. The keys are
+      also on the control socket at `/jwks.json` (and on `metricsAddr`).
+    '';
+  };
+
   upstreamUnixAddr = inheritable "upstreamUnixAddr" {
     type = types.nullOr hostPath;
     default = null;

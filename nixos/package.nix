@@ -16,8 +16,10 @@ python3Packages.buildPythonApplication {
       ../python/pyproject.toml
       ../python/tsnsrv
       ../pytest.ini
-      # tests/unit/test_docs.py checks the README's option table against the model.
+      # tests/unit/test_docs.py checks the README's option table against the model, and
+      # the assertion page's examples against the test verifiers (in tests/harness).
       ../README.md
+      ../docs/identity-assertions.md
       ../tests/conftest.py
       ../tests/harness
       ../tests/unit
@@ -32,6 +34,8 @@ python3Packages.buildPythonApplication {
     attrs
     cattrs
     prometheus-client
+    pyjwt
+    cryptography
   ];
 
   # pyproject.toml pins exact releases for the development virtualenv; nixpkgs brings

@@ -46,6 +46,12 @@ let
     "appCapabilities"
     "recommendedProxyHeaders"
     "upstreamHeaders"
+    "assertions"
+    "assertionAudience"
+    "assertionLifetime"
+    "assertionBindRequest"
+    "assertionKeyRotation"
+    "assertionJwksFile"
     "upstreamUnixAddr"
     "upstreamTCPAddr"
     "insecureHTTPS"
@@ -71,6 +77,7 @@ let
     "tailscaledUser"
     "controlSocket"
     "allowUnconfinedTailscaled" # the daemon unit is confined by systemd instead
+    "assertionKeyDir" # the proxy unit's own state directory, out of the daemon unit's reach
   ];
 
   # Service options that shape the units or are resolved into other keys, and so
@@ -94,7 +101,28 @@ let
     tailscaledSocket = "${runtimeDir}/tailscaled.sock";
     controlSocket = "${runtimeDir}/control.sock";
     credentialsDir = "/run/credentials/${unitName}.service";
+    # The proxy unit's own StateDirectory=: the assertion signing keys, which the daemon
+    # unit never has in its namespace.
+    assertionKeyDirectory = "tsnsrv-keys.d/${unit}";
+    assertionKeyDir = "/var/lib/${assertionKeyDirectory}";
+    defaultJwksFile = "${jwksDir}/${unit}.json";
   };
+
+  # Where the services publish their assertion keys by default. The ".d" keeps this and
+  # tsnsrv-keys.d apart from every unit's tsnsrv-<name> directories: attribute names
+  # have no dots.
+  jwksDir = "/run/tsnsrv-jwks.d";
+
+  # The JWKS file a service writes: its option, else the module's default when
+  # assertions are on.
+  jwksFileOf =
+    unit: service:
+    if (service.assertionJwksFile or null) != null then
+      service.assertionJwksFile
+    else if service.assertions or false then
+      (paths unit).defaultJwksFile
+    else
+      null;
 
   # toURL, else the URL put together from urlParts (null when neither is set; the
   # module asserts against that).
@@ -187,6 +215,8 @@ let
         # and `tsnsrv status` then name the daemon that actually runs.
         tailscaledPath = if tailscalePackage != null then "${tailscalePackage}/bin/tailscaled" else null;
         tailscaledUser = null;
+        assertionKeyDir = p.assertionKeyDir;
+        assertionJwksFile = jwksFileOf unit service;
       }
       // (
         if acmeDirectory != null then
@@ -221,6 +251,13 @@ let
       tailscaledSocket = null;
       tailscaledPath = "tailscaled";
       tailscaledUser = null;
+      # The assertion signing keys stay in the default /state/assertion-keys; the JWKS
+      # goes beside them, on the host in /var/lib/podman-<sidecar>.
+      assertionJwksFile =
+        if (service.assertionJwksFile or null) == null && (service.assertions or false) then
+          "/state/jwks.json"
+        else
+          service.assertionJwksFile or null;
     };
 in
 {
@@ -229,6 +266,8 @@ in
     managedKeys
     moduleOnlyOptions
     paths
+    jwksDir
+    jwksFileOf
     upstreamURL
     serviceConfig
     sidecarConfig

@@ -54,6 +54,7 @@ in
             "tsnsrv"
             "serve"
           ];
+          assertions = true;
         };
         # Built from urlParts, with prefixes.
         api = {
@@ -166,6 +167,30 @@ in
         # A spoofed identity header from the client is replaced, not passed on.
         answer = json.loads(client.succeed(f"curl -fsS -H 'X-Tailscale-User-LoginName: mallory' {url(web)}"))
         assert "mallory" not in json.dumps(answer["headers"]), answer
+
+    with subtest("the upstream can verify the identity assertion; the daemon unit cannot read the signing keys"):
+        answer = json.loads(client.succeed(f"curl -fsS {url(web, '/asserted')}"))
+        assertion = {k.lower(): v for k, v in answer["headers"].items()}["x-tailscale-identity-assertion"]
+        verify = (
+            "import json, sys, jwt\n"
+            "keys = {k.key_id: k for k in jwt.PyJWKSet.from_json(open(sys.argv[1]).read()).keys}\n"
+            "key = keys[jwt.get_unverified_header(sys.argv[2])['kid']]\n"
+            "claims = jwt.decode(sys.argv[2], key, algorithms=['EdDSA'], audience='web', options={'require': ['exp']})\n"
+            "print(json.dumps(claims))\n"
+        )
+        encoded = base64.b64encode(verify.encode()).decode()
+        claims = json.loads(server.succeed(
+            f"${python.interpreter} -c 'import base64; exec(base64.b64decode(\"{encoded}\"))' "
+            f"/run/tsnsrv-jwks.d/web.json {assertion}"
+        ))
+        assert "alice" in claims["login"] and claims["node"] == "client", claims
+        assert server.succeed("stat -c %a /run/tsnsrv-jwks.d/web.json").strip() == "644"
+        proxy, daemon = main_pid("tsnsrv-web.service"), main_pid("tsnsrv-web-tailscaled.service")
+        ids = server.succeed(f"stat -c '-S %u -G %g' /proc/{proxy}").strip()
+        keys = "/var/lib/tsnsrv-keys.d/web/keys.json"
+        # The same dynamic user: the proxy's mount namespace has the keys, the daemon's not.
+        server.succeed(f"nsenter -t {proxy} -m {ids} cat {keys} > /dev/null")
+        server.fail(f"nsenter -t {daemon} -m {ids} cat {keys}")
 
     with subtest("the proxy knows tailscaled by uid and file descriptor, and refuses its impostors"):
         [health] = json.loads(server.succeed("tsnsrv status --json web"))

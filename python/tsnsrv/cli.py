@@ -4,6 +4,7 @@
     tsnsrv --config FILE [FLAGS]          run from a JSON file (what the NixOS module renders)
     tsnsrv check [--config FILE] [FLAGS]  validate and print the effective configuration
     tsnsrv status [NAME...]               show the services running on this machine
+    tsnsrv jwks [NAME]                    print a service's identity assertion keys (JWKS)
 
 Command-line flags are generated from the fields of `config.ServiceConfig`, so every
 option has exactly one flag and one JSON key.
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tsnsrv",
         description="Expose a local web service on your tailnet as its own machine.",
-        epilog="Subcommands: 'tsnsrv check ...' validates a configuration, 'tsnsrv status' lists running services.",
+        epilog="Subcommands: 'tsnsrv check ...' validates a configuration, 'tsnsrv status' lists running services, "
+               "'tsnsrv jwks [NAME]' prints a service's identity assertion keys.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", metavar="FILE", help="JSON configuration file; flags given as well override it.")
@@ -125,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["status"]:
         from .status import main as status_main
         sys.exit(status_main(argv[1:]))
+    if argv[:1] == ["jwks"]:
+        from .jwks import main as jwks_main
+        sys.exit(jwks_main(argv[1:]))
     check_only = argv[:1] == ["check"]
     try:
         cfg = load_from_argv(argv[1:] if check_only else argv)

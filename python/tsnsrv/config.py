@@ -202,6 +202,29 @@ class ServiceConfig:
     upstream_headers: Headers = option(factory=dict, flag="--upstream-header", metavar="'NAME: VALUE'",
                                               help="Extra header on every upstream request, repeatable.")
 
+    # Signed identity assertions (assertion.py, docs/identity-assertions.md).
+    assertions: bool = option(False, help="Also send each tailnet client's identity as a signed assertion (a JWS, "
+                                          "EdDSA) in X-Tailscale-Identity-Assertion, which the upstream can verify "
+                                          "with the service's public keys (JWKS).")
+    assertion_audience: str | None = option(None, metavar="AUDIENCE",
+                                            help="Audience (aud) of the assertions. Default: the service name.")
+    assertion_lifetime: Duration = option(60.0, metavar="DURATION",
+                                          help="How long an assertion is valid (exp - iat); at least 1s.")
+    assertion_bind_request: bool = option(False, help="Bind each assertion to its request's method and target (htm "
+                                                      "and htu claims), signing every request instead of reusing "
+                                                      "one assertion per client until shortly before it expires.")
+    assertion_key_rotation: Duration = option(604800.0, metavar="DURATION",
+                                              help="How long each signing key signs (at least the assertion "
+                                                   "lifetime). Its successor is in the JWKS that long before, and "
+                                                   "it stays there until its last assertion expired.")
+    assertion_key_dir: Path | None = option(None, metavar="DIR",
+                                            help="Directory of the private signing keys, private to this process's "
+                                                 "account. Default: STATE_DIR/assertion-keys.")
+    assertion_jwks_file: Path | None = option(None, metavar="FILE",
+                                              help="Write the public keys (JWKS) to this file (mode 0644) for the "
+                                                   "upstream; its directory must exist. They are also served on the "
+                                                   "control socket at /jwks.json.")
+
     # The upstream.
     upstream_unix_addr: Path | None = option(None, flag="--upstream-unix", metavar="SOCKET",
                                              help="Connect to the upstream over this unix socket.")
@@ -484,6 +507,7 @@ def _leaf_messages(error: BaseException) -> list[str]:
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _TAG = re.compile(r"tag:[A-Za-z0-9][A-Za-z0-9-]*")
+_AUDIENCE = re.compile(r"[^\x00-\x1f\x7f]+")
 
 
 def semantic_problems(c: ServiceConfig) -> list[tuple[str, str]]:
@@ -548,6 +572,18 @@ def semantic_problems(c: ServiceConfig) -> list[tuple[str, str]]:
             bad("identityHeaders", f'"{schema}" is not a header schema; use "tsnsrv" or "serve"')
     if c.app_capabilities and "serve" not in c.identity_headers:
         bad("appCapabilities", 'capabilities are sent in the "serve" header schema; add it to identityHeaders')
+    if c.assertions and c.suppress_whois:
+        bad("assertions", "assertions carry the client's identity, which suppressWhois turns off; drop one of them")
+    if c.assertion_audience is not None and not _AUDIENCE.fullmatch(c.assertion_audience):
+        bad("assertionAudience", f"{json_repr(c.assertion_audience)} is not an audience; use a non-empty string "
+                                 "without control characters, e.g. the upstream's name")
+    if c.assertion_lifetime < 1:
+        bad("assertionLifetime", f"{c.assertion_lifetime:g}s is too short; assertions are valid for whole seconds, "
+                                 "use at least 1s")
+    if c.assertion_key_rotation < c.assertion_lifetime:
+        bad("assertionKeyRotation", f"{c.assertion_key_rotation:g}s is shorter than assertionLifetime "
+                                    f"({c.assertion_lifetime:g}s); a key must sign at least as long as an "
+                                    "assertion lives")
     if c.upstream_unix_addr is not None and c.upstream_tcp_addr is not None:
         bad("upstreamUnixAddr", "connect either over a unix socket or to a TCP address, not both")
     if c.upstream_tcp_addr is not None and not _is_host_port(c.upstream_tcp_addr):

@@ -109,6 +109,7 @@ class ControlServer:
         self.health = health
         self.metrics = metrics
         self.probe_upstream = probe_upstream
+        self.jwks: Callable[[], bytes] | None = None  # the assertion keys' JWKS, when assertions are on
         self._servers: list[tuple[asyncio.Server, Server]] = []
 
     async def _answer(self, request: BaseRequest, with_health: bool) -> StreamResponse:
@@ -116,6 +117,8 @@ class ControlServer:
         if path == "/metrics":
             return WholeResponse(body=self.metrics.exposition(),
                                  headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+        if path == "/jwks.json" and self.jwks is not None:
+            return WholeResponse(body=self.jwks(), content_type="application/jwk-set+json")
         if path == "/health" and with_health:
             body = self.health.as_json()
             body["tasks"] = len(asyncio.all_tasks())  # for leak checks (bench/soak): back to its idle count

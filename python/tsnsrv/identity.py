@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 TAILNET_RANGES = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
 
-# Inbound headers that could impersonate what tsnsrv asserts; removed from every request.
+# Inbound headers that could impersonate what tsnsrv asserts; removed from every request
+# (the signed X-Tailscale-Identity-Assertion of assertion.py among them).
 SPOOFABLE_PREFIXES = ("x-tailscale-", "tailscale-", "x-forwarded-")
 SPOOFABLE_NAMES = frozenset({"forwarded", "x-real-ip", "x-scheme"})
 

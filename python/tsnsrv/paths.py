@@ -34,6 +34,15 @@ def state_dir(cfg: ServiceConfig) -> Path:
     return Path(xdg) / "tsnsrv" / cfg.name
 
 
+# The private signing keys of identity assertions, by default. tsnsrv keeps it as its own
+# inside a state directory that may otherwise belong to tailscaled's account.
+ASSERTION_KEY_DIR = "assertion-keys"
+
+
+def assertion_key_dir(cfg: ServiceConfig) -> Path:
+    return cfg.assertion_key_dir or state_dir(cfg) / ASSERTION_KEY_DIR
+
+
 def runtime_base() -> Path:
     """The directory under which every service of this user has its runtime directory."""
     if os.geteuid() == 0:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
@@ -30,6 +30,9 @@ from .logs import AccessLog
 from .metrics import Metrics
 from .upstream import Upstream
 from .websocket import RawRelay
+
+if TYPE_CHECKING:
+    from .assertion import Asserter
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,7 @@ class Proxy:
         self._extra_names = {name.lower() for name in cfg.upstream_headers}
         self._access_log = AccessLog.if_enabled() if cfg.access_log else None
         self._timeouts = (cfg.upstream_response_header_timeout, cfg.upstream_idle_timeout)
+        self.asserter: Asserter | None = None  # set by the service when assertions are on
         self.websockets: set[RawRelay] = set()
 
     # --- lifecycle -------------------------------------------------------------
@@ -201,11 +205,12 @@ class Proxy:
 
         query = f"{upstream.base_query}&{raw_query}" if upstream.base_query and raw_query else \
             upstream.base_query or raw_query
-        url = upstream.url(path + "?" + query if query else path)
+        target = path + "?" + query if query else path
+        url = upstream.url(target)
         upgrade = request.headers.get("Upgrade")
         websocket = upgrade is not None and upgrade.lower() == "websocket" and \
             "upgrade" in connection_tokens(request.headers.get("Connection"))
-        headers = self.upstream_headers(exchange, upgrade if websocket else None)
+        headers = self.upstream_headers(exchange, upgrade if websocket else None, target)
         return await self._relay(exchange, url, headers, websocket)
 
     def _who(self, exchange: Exchange) -> str:
@@ -213,9 +218,9 @@ class Proxy:
             return "A public (Funnel) client"
         return exchange.identity.describe() if exchange.identity else f"Client {exchange.peer.address}"
 
-    def upstream_headers(self, exchange: Exchange, upgrade: str | None) -> list[tuple[str, str]]:
+    def upstream_headers(self, exchange: Exchange, upgrade: str | None, target: str) -> list[tuple[str, str]]:
         """The client's headers minus hop-by-hop and spoofable ones, plus ours (as pairs:
-        aiohttp makes its multidict of them in one go)."""
+        aiohttp makes its multidict of them in one go). `target` is the upstream request's."""
         request, peer, cfg = exchange.request, exchange.peer, self.cfg
         inbound = request.headers
         connection = inbound.get("Connection")
@@ -241,6 +246,8 @@ class Proxy:
                 headers += tsnsrv_headers(identity)
             if "serve" in cfg.identity_headers:
                 headers += serve_headers(identity, peer.is_funnel, cfg.app_capabilities)
+            if self.asserter is not None:
+                headers += self.asserter.headers(identity, request.method, target)
         if self._extra_headers:  # configured headers win over the client's and ours
             headers = [pair for pair in headers if pair[0].lower() not in self._extra_names] + self._extra_headers
         if upgrade is not None:

@@ -21,7 +21,7 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import logs, paths
@@ -41,6 +41,9 @@ from .systemd import Notifier
 from .tailscaled import SpawnedTailscaled, StateDirLock, TailscaledStartError
 from .tlscerts import (CertificateError, CertificateKeeper, CertificateUnavailable, FileCertificates, LoadedCertificate,
                        TailscaleCertificates)
+
+if TYPE_CHECKING:
+    from .assertion import Asserter
 
 log = logging.getLogger("tsnsrv")
 
@@ -84,6 +87,19 @@ def return_freed_memory() -> None:
         pass  # not glibc: nothing to trim this way
 
 
+def _jwks_directory_problem(directory: Path, daemon_user: str | None) -> str | None:
+    """Why the JWKS cannot go into `directory`, if it cannot: it must exist, and
+    tailscaled's account must not own it (it could swap in keys of its own)."""
+    try:
+        owner = directory.stat().st_uid
+    except OSError as exc:
+        return f"{directory} is not an existing directory ({exc.strerror}); create it first"
+    if daemon_user is not None and owner == pwd.getpwnam(daemon_user).pw_uid:
+        return (f"{directory} belongs to {daemon_user}, the account tailscaled runs as, which could replace the "
+                "keys an upstream trusts; choose a directory it cannot write")
+    return None
+
+
 class StartupProblem(Exception):
     """A configuration that is valid on paper but cannot run here; exit 2 before anything starts."""
 
@@ -120,6 +136,7 @@ class Service:
         self.daemon: SpawnedTailscaled | None = None
         self.certificates: CertificateKeeper | None = None
         self.claims: dict[int, str] = {}  # tailnet ports claimed only to keep peers off them
+        self.asserter: Asserter | None = None
         self._closed_port: socket.socket | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -185,6 +202,28 @@ class Service:
             raise StartupProblem(f"{option_name('stateDir')}: {exc}") from None
         return state_dir, socket_path
 
+    def _start_assertions(self) -> Asserter:
+        """Signed identity assertions: the keys (made on first start), the JWKS, and the
+        request path's and control socket's hooks. The JOSE library loads only here."""
+        from .assertion import Asserter, AssertionSetupError, KeyDirectory
+
+        cfg = self.cfg
+        jwks_file = cfg.assertion_jwks_file
+        if jwks_file is not None:
+            problem = _jwks_directory_problem(jwks_file.parent, cfg.tailscaled_user if cfg.spawns_tailscaled else None)
+            if problem:
+                raise StartupProblem(f"{option_name('assertionJwksFile')}: {problem}")
+        try:
+            asserter = Asserter(cfg, KeyDirectory(paths.assertion_key_dir(cfg),
+                                                  follow_symlinks=cfg.assertion_key_dir is not None))
+        except AssertionSetupError as exc:
+            raise StartupProblem(f"{option_name(exc.key)}: {exc}") from None
+        self.proxy.asserter = asserter
+        self.control.jwks = lambda: asserter.jwks_bytes
+        self._tasks.append(asyncio.create_task(asserter.keep_keys_current()))
+        log.info("%s", asserter.describe())
+        return asserter
+
     async def loopback_policy(self, front: list[FrontListener]) -> LoopbackPolicy:
         """What the guarded tailscaled may reach on host loopback: the front listeners, DNS
         resolvers there, and a control server that resolves there."""
@@ -229,6 +268,12 @@ class Service:
         whois = None if cfg.suppress_whois else WhoisCache(self.api.whois, cfg.whois_timeout, self.metrics)
         self.proxy = Proxy(cfg, whois, self.metrics)
         self.control = ControlServer(self.health, self.metrics, self._probe_upstream)
+        if cfg.assertions:
+            try:
+                self.asserter = self._start_assertions()
+            except StartupProblem as exc:
+                print_problems("cannot start with this configuration", str(exc).splitlines())
+                return EXIT_CONFIG
         self.front = self._front_listener(self.proxy.handle)
         self.forwards = {cfg.effective_listen_port: self.front}
         if cfg.metrics_addr and cfg.metrics_addr.startswith("tailnet:"):
@@ -319,6 +364,8 @@ class Service:
                 await self._connect_tailscaled()
                 info = await asyncio.wait_for(self.node.bring_up(), (self.cfg.timeout or None) if first else None)
                 self.health.dns_name, self.health.addresses = info.dns_name, info.addresses
+                if self.asserter is not None:
+                    self.asserter.set_issuer(self.health.url)
                 if first:
                     await self._load_certificate()
                 await self.node.apply_serve_config(

@@ -22,13 +22,22 @@ from .paths import control_sockets_on_this_machine
 COLUMNS = ("SERVICE", "STATE", "TAILNET ADDRESS", "URL", "CERT EXPIRES", "UPSTREAM", "UPSTREAM OK")
 
 
+# What asking a control socket can fail with (besides a JSON answer that is not JSON).
+UNANSWERED = (OSError, aiohttp.ClientError, TimeoutError)
+
+
+async def get(socket_path: Path, target: str) -> tuple[int, bytes]:
+    """GET `target` from a service's control socket: (status, body)."""
+    async with asyncio.timeout(8), \
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as session, \
+            session.get(f"http://tsnsrv{target}") as response:
+        return response.status, await response.read()
+
+
 async def fetch_health(socket_path: Path) -> dict[str, Any]:
     try:
-        async with asyncio.timeout(8), \
-                aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as session, \
-                session.get("http://tsnsrv/health?probe=1") as response:
-            return json.loads(await response.read())
-    except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return json.loads((await get(socket_path, "/health?probe=1"))[1])
+    except (*UNANSWERED, ValueError) as exc:
         return {"name": socket_path.parent.name, "ready": False, "status": f"not answering: {exc}",
                 "unreachable": True}
 

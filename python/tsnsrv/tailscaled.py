@@ -25,6 +25,7 @@ from pathlib import Path
 from .config import ServiceConfig
 from .confine import ConfinementUnavailable, LoopbackGuard, LoopbackPolicy, receive_listener
 from .localapi import LocalAPI, LocalAPIError, TailscaledUnreachable
+from .paths import assertion_key_dir
 
 log = logging.getLogger(__name__)
 daemon_log = logging.getLogger("tsnsrv.tailscaled")
@@ -120,10 +121,13 @@ class SpawnedTailscaled:
         if user is not None:
             # Relative to directory descriptors and never through a symlink, so that the
             # account cannot swap a directory for a link to /etc halfway through.
-            for _dir, dirnames, filenames, dir_fd in os.fwalk(self.state_dir, follow_symlinks=False):
-                for name in dirnames + filenames:
-                    if name != LOCK_FILE:
-                        os.chown(name, entry.pw_uid, entry.pw_gid, dir_fd=dir_fd, follow_symlinks=False)
+            # The lock and the assertion signing keys stay tsnsrv's: tailscaled's account
+            # must not read the keys.
+            kept = {self.state_dir / LOCK_FILE, assertion_key_dir(self.cfg)}
+            for path, dirnames, filenames, dir_fd in os.fwalk(self.state_dir, follow_symlinks=False):
+                dirnames[:] = [name for name in dirnames if Path(path, name) not in kept]
+                for name in dirnames + [name for name in filenames if Path(path, name) not in kept]:
+                    os.chown(name, entry.pw_uid, entry.pw_gid, dir_fd=dir_fd, follow_symlinks=False)
 
     def argv(self) -> list[str]:
         binary = shutil.which(self.cfg.tailscaled_path) or self.cfg.tailscaled_path

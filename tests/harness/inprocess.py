@@ -146,4 +146,4 @@ def upstream_headers_of(proxy, inbound: dict[str, str], peer, identity, target: 
     """The headers `proxy` would send upstream for a GET from `peer` known as `identity`."""
     exchange = Exchange(make_mocked_request("GET", target, headers=CIMultiDict(inbound)), peer)
     exchange.identity = identity
-    return CIMultiDict(proxy.upstream_headers(exchange, None))
+    return CIMultiDict(proxy.upstream_headers(exchange, None, target))

@@ -43,6 +43,8 @@ class Configuration:
     wanted_by: dict[str, list[str]]
     config_files: dict[str, dict[str, Any]]  # fileHash -> settings
     acme_reloads: dict[str, list[str]]  # certificate -> the units its renewal reloads
+    tmpfiles_rules: list[str]  # systemd.tmpfiles.rules
+    groups: list[str]  # users.groups
 
 
 def evaluate(scenario_args: dict[str, Any], extra_modules: list[str], changed: bool) -> Configuration:
@@ -56,7 +58,7 @@ def evaluate(scenario_args: dict[str, Any], extra_modules: list[str], changed: b
     expr = (f"let lib = import {nix_string(NIXPKGS_LIB)}; result = import {nix_string(REPO / 'tests/nix/eval-module.nix')}"
             f" {{ inherit lib; configuration = {{ }}; modules = [ {' '.join(modules)} ];"
             f" tailscaleVersion = {json.dumps(TAILSCALE_VERSION)}; }}; in {{"
-            " inherit (result) failedAssertions acmeReloads;"
+            " inherit (result) failedAssertions acmeReloads tmpfilesRules groups;"
             " units = builtins.mapAttrs (_: unit: unit.text) result.unitFiles;"
             " wantedBy = builtins.mapAttrs (_: unit: unit.wantedBy) result.unitFiles;"
             " configs = builtins.listToAttrs (map (e: { name = e.fileHash; value = e.settings; })"
@@ -64,7 +66,8 @@ def evaluate(scenario_args: dict[str, Any], extra_modules: list[str], changed: b
     result = nix_eval(expr)
     if result["failedAssertions"]:
         raise AssertionError(f"the server configuration fails assertions: {result['failedAssertions']}")
-    return Configuration(result["units"], result["wantedBy"], result["configs"], result["acmeReloads"])
+    return Configuration(result["units"], result["wantedBy"], result["configs"], result["acmeReloads"],
+                         result["tmpfilesRules"], result["groups"])
 
 
 def scenario_args_nix(args: dict[str, Any]) -> str:
@@ -99,6 +102,9 @@ class RunDisk:
             for path in STORE_PATH.findall(text):
                 self.provide(path)
         (units / "wanted-by.json").write_text(json.dumps(configuration.wanted_by))
+        # What NixOS's activation makes of users.groups and systemd.tmpfiles.rules.
+        (units / "groups").write_text("".join(f"{group}\n" for group in configuration.groups))
+        (units / "tmpfiles.conf").write_text("".join(f"{rule}\n" for rule in configuration.tmpfiles_rules))
 
     def provide(self, store_path: str, text: str | None = None) -> None:
         target = self.store / store_path.removeprefix("/nix/store/")

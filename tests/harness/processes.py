@@ -114,3 +114,13 @@ class ManagedProcess:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def wait_until_listening(process: ManagedProcess, port: int, what: str, timeout: float = 60) -> None:
+    """Until `process` accepts connections on 127.0.0.1:`port`; fails at once if it exits."""
+    def listening() -> bool:
+        if not process.running:
+            raise AssertionError(f"{what} exited:\n{process.log_tail()}")
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    wait_for(listening, timeout, f"{what} to listen")

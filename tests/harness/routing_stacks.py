@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
-from .processes import ManagedProcess, free_port, wait_for
+from .processes import ManagedProcess, free_port, wait_until_listening
 
 SOURCES = Path(__file__).with_name("routing")
 STACKS = ("express", "node-url", "go", "python", "drf", "tomcat")
@@ -50,13 +49,13 @@ def _build_dir() -> Path:
     return dev_cache() / f"routing-stacks-{digest.hexdigest()[:16]}"
 
 
-def _run(argv: list[str], cwd: Path) -> None:
+def run_build_step(argv: list[str], cwd: Path) -> None:
     result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed in {cwd}:\n{result.stdout}{result.stderr}")
 
 
-def _require(tool: str, stack: str) -> str:
+def require_tool(tool: str, stack: str) -> str:
     found = shutil.which(tool)
     if found is None:
         raise RuntimeError(f"the {stack} routing stack needs {tool} on $PATH")
@@ -67,9 +66,9 @@ def _build(stack: str, out: Path) -> None:
     if stack == "express":
         for name in ("package.json", "package-lock.json", "server.js"):
             shutil.copy(SOURCES / name, out)
-        _run([_require("npm", stack), "ci", "--no-audit", "--no-fund", "--omit=dev"], out)
+        run_build_step([require_tool("npm", stack), "ci", "--no-audit", "--no-fund", "--omit=dev"], out)
     elif stack == "go":
-        _run([_require("go", stack), "build", "-o", str(out / "server"), "."], SOURCES)
+        run_build_step([require_tool("go", stack), "build", "-o", str(out / "server"), "."], SOURCES)
     elif stack == "tomcat":
         for path, sha256 in TOMCAT_JARS.items():
             with urllib.request.urlopen(MAVEN_CENTRAL + path, timeout=120) as response:
@@ -77,8 +76,8 @@ def _build(stack: str, out: Path) -> None:
             if hashlib.sha256(data).hexdigest() != sha256:
                 raise RuntimeError(f"{path} from Maven Central does not have the pinned sha256")
             (out / Path(path).name).write_bytes(data)
-        _run([_require("javac", stack), "-d", str(out), "-cp", str(out / "*"), str(SOURCES / "RoutingServer.java")],
-             out)
+        run_build_step([require_tool("javac", stack), "-d", str(out), "-cp", str(out / "*"),
+                        str(SOURCES / "RoutingServer.java")], out)
 
 
 def stack_argv(stack: str, port: int) -> list[str]:
@@ -88,7 +87,7 @@ def stack_argv(stack: str, port: int) -> list[str]:
     if stack == "drf":  # Django and DRF are test dependencies (python/pyproject.toml)
         return [sys.executable, str(SOURCES / "server_drf.py"), str(port)]
     if stack == "node-url":
-        return [_require("node", stack), str(SOURCES / "url-server.js"), str(port)]
+        return [require_tool("node", stack), str(SOURCES / "url-server.js"), str(port)]
     out = _build_dir() / stack
     if not (out / ".built").exists():
         shutil.rmtree(out, ignore_errors=True)
@@ -96,10 +95,10 @@ def stack_argv(stack: str, port: int) -> list[str]:
         _build(stack, out)
         (out / ".built").touch()
     if stack == "express":
-        return [_require("node", stack), str(out / "server.js"), str(port)]
+        return [require_tool("node", stack), str(out / "server.js"), str(port)]
     if stack == "go":
         return [str(out / "server"), str(port)]
-    return [_require("java", stack), "-cp", f"{out}:{out}/*", "RoutingServer", str(port)]
+    return [require_tool("java", stack), "-cp", f"{out}:{out}/*", "RoutingServer", str(port)]
 
 
 class RoutingUpstream:
@@ -116,13 +115,7 @@ class RoutingUpstream:
 
     def start(self) -> RoutingUpstream:
         self.process.start()
-
-        def listening() -> bool:
-            if not self.process.running:
-                raise AssertionError(f"the {self.stack} upstream exited:\n{self.process.log_tail()}")
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        wait_for(listening, 60, f"the {self.stack} upstream to listen")
+        wait_until_listening(self.process, self.port, f"the {self.stack} upstream")
         return self
 
     def stop(self) -> None:

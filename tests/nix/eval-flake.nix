@@ -22,6 +22,7 @@ let
       "aiohttp"
       "attrs"
       "cattrs"
+      "pyjwt"
       "prometheus-client"
       "setuptools"
       "pytestCheckHook"

@@ -100,6 +100,13 @@ let
           type = types.attrsOf (types.submodule systemdService);
           default = { };
         };
+        # nixos/modules/system/boot/systemd/tmpfiles.nix and users-groups.nix, the parts
+        # the module sets for the assertion keys' directory.
+        systemd.tmpfiles.rules = listOption;
+        users.groups = mkOption {
+          type = types.attrsOf (types.submodule { options.gid = mkOption { type = types.nullOr types.int; default = null; }; });
+          default = { };
+        };
         systemd.globalEnvironment = mkOption {
           type = types.attrsOf types.str;
           default = {
@@ -248,6 +255,9 @@ let
 in
 {
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
+
+  tmpfilesRules = config.systemd.tmpfiles.rules;
+  groups = builtins.attrNames config.users.groups;
 
   units = lib.mapAttrs (_: unit: {
     inherit (unit) serviceConfig unitConfig;

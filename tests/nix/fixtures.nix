@@ -29,6 +29,9 @@
     ];
     upstreamIdleTimeout = "10m";
     authKeyPath = "/run/secrets/tailscale-authkey";
+    # Signed identity, bound to each request; the keys in the module's default place.
+    assertions = true;
+    assertionBindRequest = true;
   };
 
   # alertmanager: for its owner only, whatever the tailnet policy lets through.
@@ -57,12 +60,18 @@
     shutdownTimeout = "1m";
   };
 
-  # A certificate from security.acme.
+  # A certificate from security.acme; Grafana's JWT authentication verifies the
+  # identity assertions with the keys written where it reads them.
   grafana = {
     options = {
       toURL = "https://127.0.0.1:3000";
       acmeHost = "grafana.example.com";
       insecureHTTPS = true;
+      assertions = true;
+      assertionAudience = "grafana";
+      assertionLifetime = "30s";
+      assertionKeyRotation = "720h";
+      assertionJwksFile = "/var/lib/grafana/tsnsrv-jwks.json";
     };
     acmeDirectory = "/var/lib/acme/grafana.example.com";
   };

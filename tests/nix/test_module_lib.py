@@ -250,6 +250,74 @@ def test_option_tree_matches_the_stub_evaluation_and_the_runtime(blog: dict) -> 
         assert ours == default, f"{key}: module default {values[key]!r}, runtime default {default!r}"
 
 
+# --- identity assertions ---------------------------------------------------------------
+
+ASSERTIONS = """{
+  services.tsnsrv = {
+    enable = true;
+    defaults.assertions = true;
+    services.books.toURL = "http://127.0.0.1:8083";
+    services.grafana = {
+      toURL = "http://127.0.0.1:3000";
+      assertionAudience = "grafana";
+      assertionJwksFile = "/var/lib/grafana/tsnsrv/jwks.json";
+      supplementalGroups = [ "grafana" ];
+    };
+    services.plain = { toURL = "http://127.0.0.1:9000"; assertions = false; };
+  };
+}"""
+
+
+@pytest.fixture(scope="module")
+def asserted() -> dict[str, Any]:
+    return evaluate_module(ASSERTIONS)
+
+
+def test_the_signing_keys_are_in_a_state_directory_of_the_proxy_unit_alone(asserted: dict, tmp_path) -> None:
+    assert asserted["failedAssertions"] == []
+    proxy = asserted["units"]["tsnsrv-books"]["serviceConfig"]
+    daemon = asserted["units"]["tsnsrv-books-tailscaled"]["serviceConfig"]
+    assert proxy["StateDirectory"] == "tsnsrv-keys.d/books" and proxy["StateDirectoryMode"] == "0700"
+    assert daemon["StateDirectory"] == "tsnsrv-books"  # the daemon's namespace holds no keys
+    settings = asserted["expected"]["books"]["settings"]
+    assert settings["assertionKeyDir"] == "/var/lib/tsnsrv-keys.d/books"
+    assert settings["assertions"] is True
+    assert tsnsrv_check(settings, tmp_path).returncode == 0
+
+
+def test_the_public_keys_go_where_upstreams_read_them(asserted: dict) -> None:
+    books = asserted["units"]["tsnsrv-books"]["serviceConfig"]
+    assert asserted["expected"]["books"]["settings"]["assertionJwksFile"] == "/run/tsnsrv-jwks.d/books.json"
+    assert books["ReadWritePaths"] == ["-/run/tsnsrv-jwks.d"]
+    assert "tsnsrv-jwks" in books["SupplementaryGroups"]
+    # Anyone may read; the services may add files; each file stays its writer's (sticky).
+    assert asserted["tmpfilesRules"] == ["d /run/tsnsrv-jwks.d 1775 root tsnsrv-jwks - -"]
+    assert "tsnsrv-jwks" in asserted["groups"]
+    grafana = asserted["units"]["tsnsrv-grafana"]["serviceConfig"]
+    assert asserted["expected"]["grafana"]["settings"]["assertionJwksFile"] == "/var/lib/grafana/tsnsrv/jwks.json"
+    assert grafana["ReadWritePaths"] == ["-/var/lib/grafana/tsnsrv"]
+    assert grafana["SupplementaryGroups"] == ["grafana"]
+
+
+def test_a_service_without_assertions_gets_none_of_it(asserted: dict) -> None:
+    plain = asserted["units"]["tsnsrv-plain"]["serviceConfig"]
+    assert "StateDirectory" not in plain and "ReadWritePaths" not in plain
+    assert "assertionJwksFile" not in asserted["expected"]["plain"]["settings"]
+    result = evaluate_module('{ services.tsnsrv = { enable = true; services.a.toURL = "http://x:1"; }; }')
+    assert result["tmpfilesRules"] == [] and result["groups"] == []
+
+
+def test_a_sidecar_publishes_its_keys_on_its_volume(tmp_path) -> None:
+    result = evaluate_module(SIDECARS.replace("funnel = true;", "funnel = true; assertions = true;"))
+    settings = result["expectedSidecars"]["books-tailnet"]["settings"]
+    assert settings["assertionJwksFile"] == "/state/jwks.json"
+    assert "assertionKeyDir" not in settings  # the default: /state/assertion-keys
+    assert tsnsrv_check(settings, tmp_path, "sidecar").returncode == 0
+    outside = evaluate_module(SIDECARS.replace(
+        "funnel = true;", 'funnel = true; assertions = true; assertionJwksFile = "/srv/jwks.json";'))
+    assert any("assertionJwksFile" in m and "under /state/" in m for m in outside["failedAssertions"])
+
+
 # --- OCI sidecars ---------------------------------------------------------------------
 
 SIDECARS = """{

@@ -21,6 +21,8 @@ from harness.vm import guest_image
 
 REPO = Path(__file__).resolve().parents[2]
 SIDECAR = "books-tailnet"
+# Where the app next to the sidecar fetches the identity assertions' keys (metricsAddr).
+JWKS_PORT = 9099
 
 
 def module_says(login_server: str) -> dict:
@@ -32,7 +34,8 @@ def module_says(login_server: str) -> dict:
       virtualisation.oci-sidecars.tsnsrv = {{
         enable = true;
         containers.{SIDECAR} = {{ name = "books"; forContainer = "calibre-web";
-                                  service.toURL = "http://127.0.0.1:8080"; }};
+                                  service = {{ toURL = "http://127.0.0.1:8080"; assertions = true;
+                                              metricsAddr = "127.0.0.1:{JWKS_PORT}"; }}; }};
       }};
     }}"""
     result = evaluate_module(configuration)
@@ -46,6 +49,8 @@ class Sidecar:
     state_dir: Path
     node_name: str
     ip: str = ""
+    # The identity assertions' keys, as the app in the same network fetches them.
+    jwks_url: str = f"http://127.0.0.1:{JWKS_PORT}/jwks.json"
 
     def health(self) -> dict:
         return json.loads(get_unix(self.state_dir / "control.sock", "/health")[1])

@@ -22,6 +22,23 @@ def test_the_sidecar_serves_its_app_with_identity_headers(sidecar, laptop):
     assert headers["x-tailscale-node-name"] == "laptop"
 
 
+def test_the_app_verifies_the_sidecars_identity_assertion_with_keys_from_its_own_loopback(sidecar, laptop, app):
+    seen = json.loads(laptop.curl(f"http://{sidecar.ip}/hello").stdout)
+    assertion = {name.lower(): value for name, value in seen["headers"].items()}["x-tailscale-identity-assertion"]
+    verify = ("import jwt, sys\n"
+              f"keys = jwt.PyJWKClient('{sidecar.jwks_url}')\n"
+              "key = keys.get_signing_key_from_jwt(sys.argv[1])\n"
+              "print(jwt.decode(sys.argv[1], key, algorithms=['EdDSA'], audience='books')['login'])\n")
+
+    verified = app.exec("/opt/tsnsrv-venv/bin/python", "-c", verify, assertion).stdout
+
+    assert verified.strip() == "alice"
+    # Written by the image's account on the sidecar's volume, the signing keys its own.
+    assert json.loads((sidecar.state_dir / "jwks.json").read_text())["keys"]
+    keys = (sidecar.state_dir / "assertion-keys" / "keys.json").stat()
+    assert (keys.st_uid, keys.st_mode & 0o777) == (65532, 0o600)
+
+
 def test_the_apps_loopback_stays_private_inside_the_container(sidecar, laptop, control_node):
     # Control: a bare tailscaled in the same container network hands out the app's loopback.
     assert tcp_reply(laptop, control_node, 5432).startswith(b"{"), "control: the app's 127.0.0.1:5432 answers"

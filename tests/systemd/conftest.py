@@ -78,6 +78,9 @@ def write_wrappers(directory: Path, bin_dir: Path, headscale: Headscale, client:
 
 INSTALL_UNITS = """
 set -e
+while read -r group; do getent group "$group" >/dev/null || groupadd --system "$group"; done </nix/units/base/groups
+cp /nix/units/base/tmpfiles.conf /etc/tmpfiles.d/nixos-tsnsrv.conf
+systemd-tmpfiles --create /etc/tmpfiles.d/nixos-tsnsrv.conf
 cp /nix/units/base/*.service /etc/systemd/system/
 python3 - <<'EOF'
 import json, os

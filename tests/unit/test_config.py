@@ -110,6 +110,12 @@ def test_unstructure_round_trips_through_load():
     ({"plaintext": True, "funnel": True, "listenPort": 443}, '"plaintext"', "Funnel only carries TLS"),
     ({"certificateFile": "/c.pem"}, '"certificateKey"', "given together"),
     ({"upstreamUnixAddr": "/s", "upstreamTCPAddr": "h:1"}, '"upstreamUnixAddr"', "not both"),
+    ({"assertions": True, "suppressWhois": True}, '"assertions"', "suppressWhois"),
+    ({"assertionAudience": ""}, '"assertionAudience"', "non-empty string"),
+    ({"assertionAudience": "books\n"}, '"assertionAudience"', "without control characters"),
+    ({"assertionLifetime": 0.5}, '"assertionLifetime"', "at least 1s"),
+    ({"assertionLifetime": "2m", "assertionKeyRotation": "1m"}, '"assertionKeyRotation"',
+     "shorter than assertionLifetime (120s)"),
 ])
 def test_each_bad_json_value_is_one_problem_naming_its_key(extra, key, valid_hint):
     problems = problems_of({**MINIMAL, **extra})

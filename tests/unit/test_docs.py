@@ -1,4 +1,5 @@
-"""The README's option table is generated from the config model and must stay in sync.
+"""The README's option table is generated from the config model and must stay in sync;
+the verification examples of docs/identity-assertions.md are the test verifiers' code.
 
 If this fails after adding or changing an option, regenerate the table:
     python -m tsnsrv.docs --write README.md
@@ -8,12 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import re
+
 import attrs
 import pytest
 
 from tsnsrv import config, docs
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
+ASSERTIONS_PAGE = REPO / "docs" / "identity-assertions.md"
+VERIFIERS = REPO / "tests" / "harness" / "assertion_verifiers"
 
 
 def readme_table(text: str) -> str:
@@ -81,3 +87,14 @@ def test_write_replaces_only_the_table(tmp_path):
 def test_main_prints_the_table(capsys):
     assert docs.main([]) == 0
     assert capsys.readouterr().out == docs.table() + "\n"
+
+
+@pytest.mark.parametrize(("language", "source", "comment"), [
+    ("python", "verifier.py", "#"), ("js", "verifier.js", "//"), ("go", "verifier.go", "//")])
+def test_the_verification_examples_are_the_code_the_end_to_end_verifiers_run(language, source, comment):
+    code = (VERIFIERS / source).read_text()
+    marked = re.search(f"^{comment} docs:begin\n(.*?)\n*^{comment} docs:end$", code, re.S | re.M)
+    assert marked, f"{source} has no {comment} docs:begin / docs:end region"
+    examples = re.findall(f"^```{language}\n(.*?)^```$", ASSERTIONS_PAGE.read_text(), re.S | re.M)
+    assert examples == [marked.group(1) + "\n"], \
+        f"the {language} example of {ASSERTIONS_PAGE.name} differs from {source}'s docs region; copy it over"

@@ -88,6 +88,24 @@ def test_preparing_the_state_dir_hands_it_over_without_following_links(tmp_path)
     assert outside.stat().st_uid == os.geteuid()
 
 
+@pytest.mark.parametrize("key_dir", [None, "signing"])
+def test_preparing_the_state_dir_keeps_the_lock_and_the_assertion_keys_from_the_daemons_account(tmp_path, key_dir):
+    if os.geteuid() != 0:
+        pytest.skip("handing the state directory to another account needs root")
+    state = tmp_path / "state"
+    keys = state / (key_dir or "assertion-keys")
+    keys.mkdir(parents=True, mode=0o700)
+    (keys / "keys.json").write_text("{}")
+    (state / "tsnsrv.lock").write_text("1")
+    (state / "tailscaled.state").write_text("{}")
+    extra = {"assertionKeyDir": str(keys)} if key_dir else {}
+    cfg = load({"name": "books", "toURL": "http://127.0.0.1:8083", "tailscaledUser": "nobody", "stateDir": str(state),
+                **extra})
+    SpawnedTailscaled(cfg, state, tmp_path / "run" / "s.sock", set()).prepare()
+    assert (state / "tailscaled.state").stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    assert {path.stat().st_uid for path in (keys, keys / "keys.json", state / "tsnsrv.lock")} == {os.geteuid()}
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("allowed", [False, True])
 async def test_without_the_loopback_guard_tailscaled_runs_only_when_allowed(monkeypatch, tmp_path, allowed):
