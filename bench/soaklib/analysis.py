@@ -187,7 +187,8 @@ def resources(checkpoints: list[dict[str, Any]], rss_step_limit_mib: float,
     for checkpoint in checkpoints:
         if checkpoint["rss_kib"]:
             lives.setdefault(checkpoint["pid"], []).append(checkpoint["rss_kib"] / 1024)
-    fds_off = [(c["after"], c["fds"]) for c in checkpoints if c["fds"] != base["fds"]]
+    fds_off = [(c["after"], c["fds"], _extra_kinds(base.get("fd_kinds", {}), c.get("fd_kinds", {})))
+               for c in checkpoints if c["fds"] != base["fds"]]
     tasks_off = [(c["after"], c["tasks"]) for c in checkpoints
                  if c["tasks"] != base["tasks"] or (counts_tasks and c["tasks"] is None)]
     steps = []
@@ -211,6 +212,12 @@ def resources(checkpoints: list[dict[str, Any]], rss_step_limit_mib: float,
         "held": not fds_off and not tasks_off and all(step <= rss_step_limit_mib for step in steps),
         "rss_step_limit_mib": rss_step_limit_mib,
     }
+
+
+def _extra_kinds(base: dict[str, int], now: dict[str, int]) -> dict[str, int]:
+    """The kinds of fd a checkpoint has more (or fewer, negative) of than the baseline."""
+    return {kind: now.get(kind, 0) - base.get(kind, 0) for kind in sorted(set(base) | set(now))
+            if now.get(kind, 0) != base.get(kind, 0)}
 
 
 def metrics_agreement(checkpoints: list[dict[str, Any]]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from harness.tsnsrv import ensure_tailscaled_test_user  # noqa: E402
 from soaklib import analysis, report  # noqa: E402
 from soaklib.faults import PROFILES, PlannedFault, Profile, Stage, as_record, inject, plan  # noqa: E402
 from soaklib.rig import Certificates, ClientsProcess, SoakUpstream  # noqa: E402
-from soaklib.targets import Candidate, Go, Ours, Sampler, settle, wait_ready_by_probe  # noqa: E402
+from soaklib.targets import Candidate, Go, Ours, Sampler, fd_kinds, settle, wait_ready_by_probe  # noqa: E402
 
 HOST = "soak.tailnet.test"  # the name on the certificates; clients send it as SNI
 CANDIDATES = ("tsnsrv", "go-tsnsrv")
@@ -185,6 +185,7 @@ class CandidateRun:
         with contextlib.suppress(Exception):
             upstream.control("drop-idle")
         sample = settle(candidate)
+        sample["fd_kinds"] = fd_kinds(sample["pid"]) if sample["pid"] else {}
         metrics = candidate.counts(self.tailnet.client)
         clients.resume()
         self.checkpoints.append({**sample, "after": after, "epoch": paused["paused"], "client": paused["counts"],

@@ -42,6 +42,42 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """The process's open fds by kind, sockets by what they connect ("tcp 127.0.0.2:* <- 127.0.0.1:*"
+    with ports as `*` unless listening), so that one off the baseline can be told apart."""
+    sockets: dict[str, str] = {}
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+                listening = state == "0A"
+                sockets[inode] = f"{table} {_address(local, keep_port=listening)} -> {_address(remote, False)}" + (
+                    " (listening)" if listening else "")
+    kinds: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    target = sockets.get(target[8:-1], "socket (unix or other)")
+                elif target.startswith(("pipe:", "anon_inode:")):
+                    target = target.split("[")[0] if target.startswith("pipe:") else target
+                kinds[target] = kinds.get(target, 0) + 1
+    return kinds
+
+
+def _address(hex_address: str, keep_port: bool) -> str:
+    """An address of /proc/net/tcp (hex, little-endian words) as text."""
+    host, port = hex_address.split(":")
+    raw = bytes.fromhex(host)
+    if len(raw) == 4:
+        text = ".".join(str(b) for b in reversed(raw))
+    else:
+        text = ":".join(raw[i:i + 4][::-1].hex() for i in range(0, 16, 4))
+    return f"{text}:{int(port, 16) if keep_port else '*'}"
+
+
 def group_members(pgid: int) -> list[int]:
     """The live processes of a process group (a zombie has ended; only its pid is left)."""
     members = []

@@ -148,6 +148,7 @@ class SpawnedTailscaled:
     async def start(self) -> None:
         if self.socket_path.exists():
             self.socket_path.unlink()
+        self._close_death_pipe()  # the last one's, if its exit was noticed without waiting for it
         death_read, self._death_pipe_write = os.pipe()
         parent_channel, child_channel = socket.socketpair()
         wrapper = [sys.executable, "-m", "tsnsrv.confine", "--notify-fd", str(child_channel.fileno())]

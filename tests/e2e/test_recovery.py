@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from harness.processes import wait_for
 from harness.tailnet import TailscaleNode
@@ -37,6 +38,7 @@ def ok(client, service) -> bool:
 def test_a_killed_tailscaled_is_restarted_and_serving_resumes(make_tsnsrv, upstream, laptop):
     service = make_tsnsrv("phoenix", upstream.url)
     old_pid = service.tailscaled_pid
+    pipes = open_pipes(service.process.pid)  # tailscaled's output, and the pipe it dies with tsnsrv by
 
     killed_at = time.monotonic()
     os.kill(old_pid, signal.SIGKILL)
@@ -52,6 +54,12 @@ def test_a_killed_tailscaled_is_restarted_and_serving_resumes(make_tsnsrv, upstr
     assert "tailscaled exited (status -9); restarting it" in service.log()
     assert "recovered" in service.log()
     assert service.metric("tsnsrv_tailscaled_restarts_total") == 1
+    assert open_pipes(service.process.pid) == pipes, "every restart left a pipe of the old tailscaled open"
+
+
+def open_pipes(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:"))
 
 
 def test_traffic_survives_a_control_server_restart(make_tsnsrv, upstream, laptop, headscale, bin_dir,

@@ -127,3 +127,45 @@ async def test_without_the_loopback_guard_tailscaled_runs_only_when_allowed(monk
     else:
         with pytest.raises(TailscaledStartError, match="--allow-unconfined-tailscaled"):
             await daemon._start_guard(parent)
+
+
+@pytest.mark.asyncio
+async def test_a_restart_after_an_unnoticed_exit_leaves_no_pipe_behind(monkeypatch, tmp_path):
+    # tailscaled killed and reaped before tsnsrv waited for it: its start must not leak the
+    # old process's pipes (the soak run saw one more fd after every such restart).
+    import asyncio
+    import sys
+
+    from tsnsrv import tailscaled as module
+
+    def pipes() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+            except FileNotFoundError:
+                pass  # the directory listing's own fd, closed by now
+        return count
+
+    real_exec = asyncio.create_subprocess_exec
+
+    async def stand_in(*_argv, **options):  # the wrapper and tailscaled: a process that lives until killed
+        return await real_exec(sys.executable, "-c", "import time; time.sleep(60)", **options)
+
+    async def nothing(*_args) -> None: ...
+    monkeypatch.setattr(module.asyncio, "create_subprocess_exec", stand_in)
+    monkeypatch.setattr(SpawnedTailscaled, "_start_guard", nothing)
+    monkeypatch.setattr(SpawnedTailscaled, "_wait_for_localapi", nothing)
+    cfg = load({"name": "books", "toURL": "http://127.0.0.1:8083"})
+    daemon = SpawnedTailscaled(cfg, tmp_path, tmp_path / "s.sock", set())
+    before = pipes()
+    for _ in range(3):
+        await daemon.start()
+        daemon.process.kill()
+        await daemon.process.wait()  # reaped, as asyncio does when it dies, without wait_exit
+        await asyncio.gather(daemon._log_task)
+    await daemon.start()
+    try:
+        assert pipes() - before == 2  # the running one's: its output, and the pipe it dies with tsnsrv by
+    finally:
+        await daemon.stop()
