@@ -169,6 +169,9 @@ def new_certificate_after(events: list[dict[str, Any]], fault: dict[str, Any]) -
     return None
 
 
+RSS_JUDGED_FROM = 16  # checkpoints in one life of the proxy (about half an hour of the long run)
+
+
 def resources(checkpoints: list[dict[str, Any]], rss_step_limit_mib: float,
               counts_tasks: bool = True, judge_rss: bool = True) -> dict[str, Any]:
     """fds and tasks at every checkpoint against the first (the baseline, after warm-up);
@@ -178,8 +181,9 @@ def resources(checkpoints: list[dict[str, Any]], rss_step_limit_mib: float,
     process keeps the memory of its busiest moment, so RSS steps up while the traffic mix
     reaches new peaks (a big upload meeting a big download), rarely once it has. A leak
     grows with every fault and every thousand requests instead. So in the second half of
-    each life with at least four checkpoints, the median growth from one checkpoint to the
-    next must stay within the limit."""
+    each life with at least `RSS_JUDGED_FROM` checkpoints, the median growth from one
+    checkpoint to the next must stay within the limit. (A short run's lives are too short
+    for that: a median of four steps is the noise of whichever transfer ran last.)"""
     if not checkpoints:
         return {"held": False, "why": "no checkpoint"}
     base = checkpoints[0]
@@ -193,7 +197,7 @@ def resources(checkpoints: list[dict[str, Any]], rss_step_limit_mib: float,
                  if c["tasks"] != base["tasks"] or (counts_tasks and c["tasks"] is None)]
     steps = []
     for rss in lives.values() if judge_rss else ():
-        if len(rss) >= 4:
+        if len(rss) >= RSS_JUDGED_FROM:
             later = rss[len(rss) // 2 - 1:]
             steps.append(statistics.median(b - a for a, b in zip(later, later[1:])))
     return {
@@ -271,7 +275,7 @@ def verdicts(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
          f"fds {resources_.get('baseline', {}).get('fds')}→{resources_.get('end', {}).get('fds')}, "
          f"tasks {resources_.get('baseline', {}).get('tasks')}→{resources_.get('end', {}).get('tasks')}, "
          "RSS " + (f"median step per checkpoint in the second half of each life "
-                   f"{resources_.get('rss_median_step_mib') or 'not judged (no life of four checkpoints)'} MiB"
+                   f"{resources_.get('rss_median_step_mib') or f'not judged (no life of {RSS_JUDGED_FROM} checkpoints)'} MiB"
                    if resources_.get("rss_is_the_proxy", True) else
                    "not judged (the process is its netstack and Go heap too)")),
         ("metrics agree with the clients", metrics["held"],
