@@ -9,13 +9,15 @@ first (synchronously) when it is asked for `min_validity` longer than what is le
 Asking for a fixed 14 days, as tsnsrv did, makes every call issue a new certificate once
 certificates are shorter than that (public CAs are moving to 6-day certificates), until
 the CA's rate limits refuse. So tsnsrv renews once two thirds of the certificate's
-lifetime have passed -- the rule tailscaled's own background renewal and Let's Encrypt
-follow -- by asking for a third of the lifetime (plus a second) then. Before that point
-it asks without `min_validity`, which returns the cached certificate (or one tailscaled
-renewed by itself, e.g. because the CA's renewal information said so), so a restart
-never waits for the CA while a valid certificate is cached. It looks at least every
-hour and again just after the renewal point; a failed renewal is retried after a tenth
-of the time left (between 5 s and an hour), serving the current certificate meanwhile.
+lifetime have passed -- the rule Let's Encrypt recommends and tailscaled's own background
+renewal falls back to -- by asking for a third of the lifetime (plus a second) then.
+Before that point it asks without `min_validity`, which returns the cached certificate
+(or one tailscaled renewed by itself: asked that way, it renews in the background once
+the window the CA's renewal information suggests has come, for Let's Encrypt's 6-day
+certificates halfway through), so a restart never waits for the CA while a valid
+certificate is cached. It looks at least every hour and again just after the renewal
+point; a failed renewal is retried after a tenth of the time left (between 5 s and an
+hour), serving the current certificate meanwhile.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ keeps a service's tailscaled off host loopback. Its ACME API speaks HTTPS with a
 certificate from a trustme CA of the test (`api_ca_file`), which only the tailscaleds
 are told to trust. The certificates it issues chain up to a root it makes at start-up
 (`root_pem()`), new on every start. DNS-01 challenges are taken as valid without a
-lookup (PEBBLE_VA_ALWAYS_VALID): headscale does not publish the TXT records.
+lookup (PEBBLE_VA_ALWAYS_VALID): headscale does not publish the TXT records. Its renewal
+information (ARI) suggests the window Let's Encrypt suggests, 2 % of the lifetime wide
+(patched: pebble's own spans the whole life of a short certificate, and tailscaled renews
+in the background once a random point of that window has passed).
 """
 
 from __future__ import annotations

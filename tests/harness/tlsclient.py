@@ -49,14 +49,29 @@ def _described(cert: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _get(host: str, ip: str, port: int, context: ssl.SSLContext, path: str) -> tuple[int, dict[str, Any]]:
+    """One request on a new connection, which the client drops once it has the response.
+
+    The client closes first, at once (no TLS close_notify exchange, after which the
+    server would close first too), as many clients do. Where the node closes first, its
+    netstack keeps the connection in TIME-WAIT for 60 s and drops a new SYN on the same
+    addresses and ports meanwhile (gVisor hands such a SYN only to a listening
+    endpoint; tailscaled accepts through a forwarder). Linux picks a new random range
+    of source ports every 10 s or so, so a watcher making hundreds of connections would
+    now and then reuse one and wait up to a minute for an answer -- no part of what it
+    watches. Closing first leaves the TIME-WAIT here, where the kernel does not reuse it."""
     reader, writer = await asyncio.open_connection(ip, port, ssl=context, server_hostname=host)
     try:
         cert = _described(writer.get_extra_info("ssl_object").getpeercert())
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        response = await reader.read()
-        return int(response.split(b" ", 2)[1]), cert
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        fields = dict(line.split(":", 1) for line in head[1:] if line)
+        lengths = [value for name, value in fields.items() if name.strip().lower() == "content-length"]
+        if not lengths:
+            raise ValueError(f"a response without Content-Length: {head}")
+        await reader.readexactly(int(lengths[0]))
+        return int(head[0].split(" ", 2)[1]), cert
     finally:
-        writer.close()
+        writer.transport.abort()
 
 
 async def _peer(host: str, ip: str, port: int, ca_file: str) -> dict[str, Any]:
@@ -84,7 +99,7 @@ async def _watch(host: str, ip: str, ca_file: str, timeout: float) -> dict[str, 
                     failures.append(f"request {index}: HTTP {status}")
                 if cert["serial"] not in serials:
                     serials.append(cert["serial"])
-            except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError, IndexError) as exc:
+            except (OSError, EOFError, ssl.SSLError, asyncio.TimeoutError, ValueError, IndexError) as exc:
                 failures.append(f"request {index}: {exc!r}")
             if len(serials) > 1:
                 after_change += 1
