@@ -24,24 +24,29 @@ class BuildFailed(RuntimeError):
     pass
 
 
+# scripts/tailnet-binaries' arguments for each build.
+BUILD_ARGS: dict[str, tuple[str, ...]] = {"stock": (), "trimmed": ("trimmed",)}
+
+
 @functools.cache
-def _tailnet_binaries(*args: str) -> Path:
-    result = subprocess.run([str(REPO / "scripts" / "tailnet-binaries"), *args], capture_output=True, text=True)
+def built_by(script: str, *args: str) -> Path:
+    """The cache directory that a build script of scripts/ prints (it builds only once)."""
+    result = subprocess.run([str(REPO / "scripts" / script), *args], capture_output=True, text=True)
     if result.returncode != 0:
-        raise BuildFailed(f"scripts/tailnet-binaries {' '.join(args)} failed:\n{result.stderr}")
+        raise BuildFailed(f"scripts/{' '.join([script, *args])} failed:\n{result.stderr}")
     return Path(result.stdout.strip())
 
 
 def tailnet_bin_dir() -> Path:
     """headscale and the stock tailscaled/tailscale."""
-    return _tailnet_binaries()
+    return built_by("tailnet-binaries")
 
 
 def tailscale_bin_dir(build: str) -> Path:
     """The directory holding `tailscaled` and `tailscale` of `build` (one of BUILDS)."""
     if build not in BUILDS:
         raise ValueError(f"unknown tailscale build {build!r}: one of {', '.join(BUILDS)}")
-    return tailnet_bin_dir() if build == "stock" else _tailnet_binaries("trimmed")
+    return built_by("tailnet-binaries", *BUILD_ARGS[build])
 
 
 def omit_tags(build: str) -> set[str]:
