@@ -257,13 +257,13 @@ def module_tsnsrv(node_bin_dir: Path, headscale: Headscale, tailscaled_user: str
 
 
 @pytest.fixture(scope="session")
-def cert_tailnet(bin_dir: Path, cert_bin_dir: Path, service_root: Path, tailscaled_user: str | None,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[CertTailnet]:
+def cert_tailnet(bin_dir: Path, cert_bin_dir: Path, node_bin_dir: Path, service_root: Path,
+                 tailscaled_user: str | None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CertTailnet]:
     if os.geteuid() != 0:
         pytest.fail("the certificate tailnet needs root (network namespaces, a resolver on port 53)")
     shared = service_root / "cert-tailnet"
     shared.mkdir(mode=0o755)
-    tailnet = CertTailnet(bin_dir, cert_bin_dir, tmp_path_factory.mktemp("cert-tailnet"), shared)
+    tailnet = CertTailnet(bin_dir, cert_bin_dir, node_bin_dir, tmp_path_factory.mktemp("cert-tailnet"), shared)
     try:
         yield tailnet.start()
     finally:

@@ -41,3 +41,11 @@ def test_a_service_keeps_its_node_when_it_switches_builds(make_tsnsrv, upstream,
         assert service.stop() == 0
     names = headscale.node_names()
     assert names.count("switching") == 1 and not any(name.startswith("switching-") for name in names), names
+
+
+def test_the_certificate_tailnets_services_run_the_chosen_build(cert_tsnsrv, upstream, node_bin_dir):
+    """Its services start tailscaled through a wrapper (their CA's environment), not from
+    the factory's directory: the same build all the same."""
+    service = cert_tsnsrv("which-build-tls", upstream.url)
+
+    assert Path(f"/proc/{service.tailscaled_pid}/exe").resolve() == (node_bin_dir / "tailscaled").resolve()
