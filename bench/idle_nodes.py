@@ -137,8 +137,9 @@ def sample(members: list[IdleNode] | list[IdleService]) -> dict[str, int]:
 def measure(candidates: list[Candidate], count: int, settle: float, samples: int, work: Path,
             services: bool) -> list[dict]:
     block = os.getpid() % 250 + 1
-    # .8/30 of 198.19.<block>.0/24: the bench takes .0/30, the systemd tier .4/30.
-    netns = NetworkNamespace(f"tsi{os.getpid()}", f"198.19.{block}.9", f"198.19.{block}.10").create()
+    # .12/30 of 198.19.<block>.0/24: the bench takes .0/30, the systemd tier .4/30, the
+    # certificate tailnet .8/30.
+    netns = NetworkNamespace(f"tsi{os.getpid()}", f"198.19.{block}.13", f"198.19.{block}.14").create()
     members: dict[Candidate, list] = {candidate: [] for candidate in candidates}
     headscale = upstream = None
     try:
