@@ -35,28 +35,18 @@ let
     # merges the new attributes and lifts passthru to the top, as mkDerivation does.
     tailscale =
       let
-        attrs = {
-          version = tailscaleVersion;
-          tags = [ "ts_include_cli" ];
-          passthru = { };
-          meta.description = "Node agent for Tailscale, a mesh VPN built on WireGuard";
-        };
         package =
           attrs:
           fakeDerivation "tailscale-${tailscaleVersion}" (
-            attrs
-            // attrs.passthru
-            // {
-              overrideAttrs =
-                f:
-                package (
-                  attrs
-                  // f attrs
-                );
-            }
+            attrs // attrs.passthru // { overrideAttrs = f: package (attrs // f attrs); }
           );
       in
-      package attrs;
+      package {
+        version = tailscaleVersion;
+        tags = [ "ts_include_cli" ];
+        passthru = { };
+        meta.description = "Node agent for Tailscale, a mesh VPN built on WireGuard";
+      };
     coreutils = fakeDerivation "coreutils-9.7" { };
     # What NixOS puts on every service's PATH, and in its global environment.
     findutils = fakeDerivation "findutils-4.10.0" { };
