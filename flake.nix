@@ -25,6 +25,7 @@
     {
       overlays.default = final: _prev: {
         tsnsrv = final.callPackage ./nixos/package.nix { };
+        tailscaleTrimmed = final.callPackage ./nixos/tailscale-trimmed.nix { };
       };
 
       packages = lib.recursiveUpdate
@@ -38,6 +39,9 @@
           system: pkgs: {
             # The sidecar image of virtualisation.oci-sidecars.tsnsrv.
             tsnsrvOciImage = pkgs.callPackage ./nixos/oci-image.nix { inherit (self.packages.${system}) tsnsrv; };
+            # tailscale with only what tsnsrv's nodes use, for tailscalePackage
+            # (docs/trimmed-tailscaled.md); compiled locally.
+            tailscaleTrimmed = pkgs.callPackage ./nixos/tailscale-trimmed.nix { };
           }
         ));
 

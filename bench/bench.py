@@ -2,14 +2,15 @@
 
 One local tailnet (headscale), one client device (alice's laptop: a kernel-TUN tailscaled
 in network namespace tsb<pid>), one upstream (Debian's nginx-light on 127.0.0.1), and
-three candidates that each expose that upstream as their own tailnet machine on port 80:
+four candidates that each expose that upstream as their own tailnet machine on port 80:
 
-  limit      a userspace tailscaled whose Serve config TCP-forwards port 80 straight to
-             nginx: no proxy at all, the ceiling for anything built on tailscaled;
-  go-tsnsrv  the Go tsnsrv (tsnet) in --plaintext mode;
-  tsnsrv     ours, --plaintext, default settings.
+  limit           a userspace tailscaled whose Serve config TCP-forwards port 80 straight to
+                  nginx: no proxy at all, the ceiling for anything built on tailscaled;
+  go-tsnsrv       the Go tsnsrv (tsnet) in --plaintext mode;
+  tsnsrv          ours, --plaintext, default settings;
+  tsnsrv-trimmed  the same with the trimmed tailscaled (docs/trimmed-tailscaled.md).
 
-Every measurement runs against the three in turn (round-robin, the order rotated each
+Every measurement runs against the candidates in turn (round-robin, the order rotated each
 round) so that machine noise hits all alike. Load comes from wrk (and curl for the big
 transfers) run inside the client's network namespace. Writes results.md, results.json,
 plot.png and machine.md to --out.
@@ -46,7 +47,7 @@ from harness.processes import STARTED, ManagedProcess, free_port, wait_for  # no
 from harness.tailnet import ClientDevice, NetworkNamespace, TailscaleNode, offline_env  # noqa: E402
 from harness.tsnsrv import Tsnsrv, ensure_tailscaled_test_user, tsnsrv_command  # noqa: E402
 
-CANDIDATES = ("limit", "go-tsnsrv", "tsnsrv")
+CANDIDATES = ("limit", "go-tsnsrv", "tsnsrv", "tsnsrv-trimmed")
 # With --assertions: ours signing identity assertions, unbound and bound; measured with the
 # small GETs only, against ours with them off.
 ASSERTION_KINDS = ("assertions", "assertions-bound")
@@ -97,15 +98,20 @@ def status_kib(pid: int, field: str) -> int:
     return 0
 
 
-def pss_kib(pid: int) -> int:
-    """Proportional set size: shared pages count once across the processes sharing them."""
+def smaps_kib(pid: int, field: str) -> int:
+    """A field of smaps_rollup (Pss, Pss_Anon, Rss...), 0 once the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size: shared pages count once across the processes sharing them."""
+    return smaps_kib(pid, "Pss")
 
 
 def comm(pid: int) -> str:
@@ -335,7 +341,7 @@ class Limit(Candidate):
 
     def __init__(self, bench: Bench, name: str):
         super().__init__(bench, name)
-        self.node = TailscaleNode(name, bench.bin_dir, self.dir)
+        self.node = TailscaleNode(name, bench.tailscale_dirs["stock"], self.dir)
         self.configured = False
 
     def launch(self) -> None:
@@ -391,8 +397,13 @@ class OurTsnsrv(Candidate):
 
     def __init__(self, bench: Bench, name: str):
         super().__init__(bench, name)
-        self.service = Tsnsrv(name, bench.nginx.url, self.dir, bench.bin_dir, bench.headscale, bench.auth_key,
-                              list(bench.extra_tsnsrv_args) + self.extra_args(), env=self.extra_env())
+        self.service = Tsnsrv(name, bench.nginx.url, self.dir, bench.tailscale_dirs[self.tailscale_build()],
+                              bench.headscale, bench.auth_key, list(bench.extra_tsnsrv_args) + self.extra_args(),
+                              env=self.extra_env())
+
+    def tailscale_build(self) -> str:
+        """Which build of tailscaled this candidate's tsnsrv spawns."""
+        return "stock"
 
     def extra_args(self) -> list[str]:
         return []
@@ -430,10 +441,23 @@ class OurTsnsrv(Candidate):
         return self.service.process.log_tail()
 
 
+class TrimmedTsnsrv(OurTsnsrv):
+    """Ours with the trimmed tailscaled."""
+
+    kind = "tsnsrv-trimmed"
+
+    def tailscale_build(self) -> str:
+        return "trimmed"
+
+
 class Variant(OurTsnsrv):
-    """Ours with --variant-env / --variant-arg: to measure a change interleaved with the rest."""
+    """Ours (or, with --variant-of tsnsrv-trimmed, ours on the trimmed tailscaled) with
+    --variant-env / --variant-arg: to measure a change interleaved with the rest."""
 
     kind = "variant"
+
+    def tailscale_build(self) -> str:
+        return "trimmed" if self.bench.args.variant_of == "tsnsrv-trimmed" else "stock"
 
     def extra_args(self) -> list[str]:
         return list(self.bench.args.variant_arg or [])
@@ -461,7 +485,8 @@ class AssertedBound(OurTsnsrv):
 
 
 KINDS: dict[str, type[Candidate]] = {"limit": Limit, "go-tsnsrv": GoTsnsrv, "tsnsrv": OurTsnsrv,
-                                     "variant": Variant, "assertions": Asserted, "assertions-bound": AssertedBound}
+                                     "tsnsrv-trimmed": TrimmedTsnsrv, "variant": Variant, "assertions": Asserted,
+                                     "assertions-bound": AssertedBound}
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -541,6 +566,7 @@ class Bench:
         if args.seconds:
             self.profile["wrk_seconds"] = args.seconds
         self.bin_dir: Path = args.bin_dir
+        self.tailscale_dirs: dict[str, Path] = {}  # build -> private copies of its tailscaled and tailscale
         self.go_tsnsrv: Path = args.go_tsnsrv
         self.extra_tsnsrv_args: list[str] = args.tsnsrv_arg or []
         self.work = Path(tempfile.mkdtemp(prefix="tsnsrv-bench-", dir="/var/tmp"))
@@ -549,7 +575,9 @@ class Bench:
         block = pid % 250 + 1
         self.netns = NetworkNamespace(f"tsb{pid}", f"198.19.{block}.1", f"198.19.{block}.2")
         self.stack: list[Any] = []
-        self.kinds = list(CANDIDATES) + (["variant"] if args.variant_env or args.variant_arg else [])
+        trimmed = args.trimmed_bin_dir is not None and not args.skip_trimmed
+        self.kinds = [kind for kind in CANDIDATES if kind != "tsnsrv-trimmed" or trimmed] + (
+            ["variant"] if args.variant_env or args.variant_arg else [])
         self.kinds += list(ASSERTION_KINDS) if args.assertions else []
         self.samples: dict[str, dict[str, list[float]]] = {kind: {} for kind in self.kinds}
         self.runs: list[dict[str, Any]] = []
@@ -579,6 +607,16 @@ class Bench:
     # --- setup / teardown ---
 
     def setup(self) -> None:
+        # Each build the candidates run, copied: PSS splits a binary's pages among all the
+        # processes that map the file, and test runs elsewhere on the machine may run the same one.
+        for build, source in (("stock", self.bin_dir), ("trimmed", self.args.trimmed_bin_dir)):
+            if source is not None:
+                target = self.work / f"tailscale-{build}"
+                target.mkdir()
+                for binary in ("tailscaled", "tailscale"):
+                    shutil.copy2(source / binary, target / binary)
+                target.chmod(0o755)  # the spawned tailscaled runs as another user
+                self.tailscale_dirs[build] = target
         with step(f"network namespace {self.netns.name} ({self.netns.host_ip} / {self.netns.ns_ip})"):
             self.netns.create()
             self.stack.append(self.netns)
@@ -745,7 +783,7 @@ class Bench:
     def ten_services(self, round_index: int) -> None:
         """The blog post's setup: ten services of one kind on one host, started together."""
         count = self.profile["ten_count"]
-        for kind in [k for k in self.order(round_index) if k in ("go-tsnsrv", "tsnsrv", "variant")]:
+        for kind in [k for k in self.order(round_index) if k in ("go-tsnsrv", "tsnsrv", "tsnsrv-trimmed", "variant")]:
             with step(f"round {round_index + 1}: {count} {kind} services at once"):
                 group = [KINDS[kind](self, f"ten{round_index}-{i}-{kind}") for i in range(count)]
                 started = time.monotonic()
@@ -767,6 +805,9 @@ class Bench:
                     for member in group:
                         with contextlib.suppress(Exception):
                             member.stop()
+                    # Gone from the tailnet too: the next group would otherwise carry these ten
+                    # as peers in its network maps, and weigh more for it.
+                    self.headscale.delete_nodes({member.name for member in group})
                 self.record(kind, "ten_start_all_s", all_serving)
                 self.record(kind, "ten_pss_idle_mib", idle)
                 self.record(kind, "ten_pss_after_load_mib", loaded)
@@ -846,7 +887,8 @@ class Bench:
         return {
             "mode": "quick" if self.args.quick else "full",
             "kinds": self.kinds,
-            "variant": {"env": self.args.variant_env or [], "args": self.args.variant_arg or []},
+            "variant": {"env": self.args.variant_env or [], "args": self.args.variant_arg or [],
+                        "of": self.args.variant_of},
             "tsnsrv_args": self.extra_tsnsrv_args,
             "profile": {k: list(v) if isinstance(v, tuple) else v for k, v in self.profile.items()},
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -1047,6 +1089,14 @@ def assertion_rows(summary: dict[str, dict[str, float]]) -> list[str]:
     return lines + [""]
 
 
+# Column headings of the results table, and the ratios it shows (numerator, denominator).
+HEADERS = {"limit": "limit", "go-tsnsrv": "go-tsnsrv", "tsnsrv": "tsnsrv (ours)",
+           "tsnsrv-trimmed": "ours, trimmed tailscaled", "variant": "variant"}
+SHORT = {"limit": "limit", "go-tsnsrv": "go-tsnsrv", "tsnsrv": "ours", "tsnsrv-trimmed": "trimmed",
+         "variant": "variant"}
+RATIOS = [("tsnsrv", "go-tsnsrv"), ("tsnsrv", "limit"), ("tsnsrv-trimmed", "go-tsnsrv"), ("tsnsrv-trimmed", "tsnsrv")]
+
+
 def fmt(value: float | None, decimals: int) -> str:
     if value is None or value != value:
         return "n/a"
@@ -1115,23 +1165,24 @@ def markdown(result: dict[str, Any], machine: dict[str, str]) -> str:
                   f"up to {during.get('max_load1', noise['after']['loadavg'][0]):.1f}; e.g. `{examples[0]}`). "
                   "Ratios between candidates are more trustworthy than absolute figures.", ""]
     kinds = [kind for kind in result.get("kinds", list(CANDIDATES)) if kind not in ASSERTION_KINDS]
-    variant = "variant" in kinds
-    if variant:
-        lines += [f"variant = ours with {' '.join(result['variant']['env'] + result['variant']['args'])}", ""]
+    if "variant" in kinds:
+        base = result["variant"].get("of", "tsnsrv")
+        lines += [f"variant = {HEADERS[base]} with {' '.join(result['variant']['env'] + result['variant']['args'])}",
+                  ""]
+    ratios = [(a, b) for a, b in RATIOS if a in kinds and b in kinds]
+    if "variant" in kinds:
+        ratios.append(("variant", result["variant"].get("of", "tsnsrv")))
     lines += [
-        "| measure | limit | go-tsnsrv | tsnsrv (ours) |" + (" variant |" if variant else "") +
-        " ours/go-tsnsrv | ours/limit |" + (" variant/ours |" if variant else ""),
-        "| --- |" + " ---: |" * (len(kinds) + 2 + variant),
+        "| measure | " + " | ".join(HEADERS[kind] for kind in kinds) + " | " +
+        " | ".join(f"{SHORT[a]}/{SHORT[b]}" for a, b in ratios) + " |",
+        "| --- |" + " ---: |" * (len(kinds) + len(ratios)),
     ]
     for key, label, _better, decimals in ROWS:
         if key.endswith("MBps"):
             label = f"{size_text} {label}"
-        values = [summary[kind].get(key) for kind in kinds]
-        line = (f"| {label} | " + " | ".join(fmt(v, decimals) for v in values) +
-                f" | {ratio(values[2], values[1])} | {ratio(values[2], values[0])} |")
-        if variant:
-            line += f" {ratio(values[3], values[2])} |"
-        lines.append(line)
+        values = {kind: summary[kind].get(key) for kind in kinds}
+        lines.append(f"| {label} | " + " | ".join(fmt(values[kind], decimals) for kind in kinds) + " | " +
+                     " | ".join(ratio(values[a], values[b]) for a, b in ratios) + " |")
     errors = {kind: sum(sum(result["samples"][kind].get(f"errors_c{c}", [])) for c in result["profile"]["concurrency"])
               for kind in kinds}
     lines += ["", "wrk errors (socket errors + non-2xx responses), all runs: " +
@@ -1167,7 +1218,8 @@ def markdown(result: dict[str, Any], machine: dict[str, str]) -> str:
         "sequential 32-byte echoes for the run's length, then 100 MB sent to the client in 1 MiB messages.",
         "- ten services: ten of one kind (ours: ten proxies and ten tailscaleds) started at once, on fresh state; "
         "the time until the client's first 200 from the last of them; total PSS (smaps_rollup, so shared pages "
-        "count once) of all their processes 2 s after, and again after `wrk -c8` on each for a few seconds.",
+        "count once) of all their processes 2 s after, and again after `wrk -c8` on each for a few seconds. Each "
+        "group's nodes are deleted from headscale afterwards, so every group sees a tailnet of the same size.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -1178,7 +1230,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = result["summary"]
-    colors = {"limit": "#9e9e9e", "go-tsnsrv": "#4c78a8", "tsnsrv": "#f58518", "variant": "#54a24b"}
+    colors = {"limit": "#9e9e9e", "go-tsnsrv": "#4c78a8", "tsnsrv": "#f58518", "tsnsrv-trimmed": "#e45756",
+              "variant": "#54a24b"}
     kinds = [kind for kind in result.get("kinds", list(CANDIDATES)) if kind not in ASSERTION_KINDS]
     figure, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
@@ -1244,6 +1297,10 @@ def machine_description(bench: Bench) -> dict[str, str]:
                                          command_output(["go", "version", "-m", str(bench.go_tsnsrv)]).splitlines()
                                          if "\ttailscale.com\t" in line), "?"),
         "tailscaled": command_output([str(bench.bin_dir / "tailscaled"), "--version"]).splitlines()[0],
+        **({"tailscaled (trimmed)": f"{(bench.args.trimmed_bin_dir / 'tailscaled').stat().st_size / 1e6:.1f} MB "
+                                    f"(stock {(bench.bin_dir / 'tailscaled').stat().st_size / 1e6:.1f} MB), built "
+                                    "from nixos/tailscale-features.txt"}
+           if bench.args.trimmed_bin_dir else {}),
         "headscale": command_output([str(bench.bin_dir / "headscale"), "version"]).splitlines()[0],
         "nginx": command_output(["nginx", "-v"]),
         "wrk": command_output(["wrk", "-v"]).splitlines()[0],
@@ -1264,6 +1321,9 @@ def main() -> int:
     janitor.start()  # every process and namespace of the bench is gone when it ends, however it ends
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bin-dir", type=Path, required=True, help="directory with tailscaled, tailscale, headscale")
+    parser.add_argument("--trimmed-bin-dir", type=Path, default=None,
+                        help="directory with the trimmed tailscaled and tailscale (scripts/tailnet-binaries trimmed); "
+                             "without it there is no tsnsrv-trimmed candidate")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs, one round (< 3 minutes)")
     parser.add_argument("--go-tsnsrv", type=Path, default=None,
                         help=f"the Go tsnsrv binary (default: {GO_TSNSRV_CACHED}, built by bench/build-go-tsnsrv)")
@@ -1271,14 +1331,17 @@ def main() -> int:
                         help="results folder (default: bench/results, or bench/results/quick with --quick)")
     parser.add_argument("--profile", action="store_true",
                         help="also record py-spy profiles of our tsnsrv (needs py-spy in the venv)")
-    parser.add_argument("--profile-target", choices=("tsnsrv", "variant"), default="tsnsrv",
+    parser.add_argument("--profile-target", choices=("tsnsrv", "tsnsrv-trimmed", "variant"), default="tsnsrv",
                         help="which of ours to profile with --profile")
     parser.add_argument("--tsnsrv-arg", action="append", metavar="ARG",
                         help="extra argument for our tsnsrv, repeatable (to compare settings)")
     parser.add_argument("--variant-env", action="append", metavar="KEY=VALUE",
-                        help="add a fourth candidate: ours with this environment variable, repeatable")
+                        help="add a candidate: ours with this environment variable, repeatable")
     parser.add_argument("--variant-arg", action="append", metavar="ARG",
-                        help="add a fourth candidate: ours with this extra argument, repeatable")
+                        help="add a candidate: ours with this extra argument, repeatable")
+    parser.add_argument("--variant-of", choices=("tsnsrv", "tsnsrv-trimmed"), default="tsnsrv",
+                        help="what the variant changes: ours (default) or ours on the trimmed tailscaled "
+                             "(e.g. --variant-of tsnsrv-trimmed --variant-env GOMEMLIMIT=32MiB)")
     parser.add_argument("--assertions", action="store_true",
                         help="also measure ours with identity assertions on, unbound and bound (small GETs only)")
     parser.add_argument("--rounds", type=int, help="rounds of small GETs (overrides the mode's)")
@@ -1286,6 +1349,7 @@ def main() -> int:
     parser.add_argument("--skip-transfers", action="store_true", help="no big downloads/uploads (for A/B runs)")
     parser.add_argument("--skip-startup", action="store_true", help="no start-up timing rounds (for A/B runs)")
     parser.add_argument("--skip-ten", action="store_true", help="no ten-services rounds (for A/B runs)")
+    parser.add_argument("--skip-trimmed", action="store_true", help="no tsnsrv-trimmed candidate (for A/B runs)")
     parser.add_argument("--keep-work", action="store_true", help="keep the work directory (logs) afterwards")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -1295,6 +1359,9 @@ def main() -> int:
         args.out = REPO / "bench" / "results" / ("quick" if args.quick else "")
     if args.go_tsnsrv is None:
         args.go_tsnsrv = GO_TSNSRV_CACHED
+    if args.variant_of == "tsnsrv-trimmed" and args.trimmed_bin_dir is None:
+        print("bench: --variant-of tsnsrv-trimmed needs --trimmed-bin-dir (bench/run passes it)", file=sys.stderr)
+        return 1
     if not args.go_tsnsrv.exists():
         print(f"bench: no Go tsnsrv at {args.go_tsnsrv}. Build it with bench/build-go-tsnsrv "
               "(go install from the module proxy, else from a source checkout), or pass --go-tsnsrv PATH.",

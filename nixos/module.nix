@@ -313,6 +313,12 @@ let
         message = "${where}: acmeHost sets certificateFile and certificateKey; do not set them as well.";
       }
       {
+        # The trimmed tailscale (./tailscale-trimmed.nix) says what it left out.
+        assertion =
+          !service.tailscaledLogUpload || !lib.elem "logtail" (service.tailscalePackage.omittedFeatures or [ ]);
+        message = "${where}: tailscaledLogUpload = true, but tailscalePackage is built without log upload (the trimmed tailscale); use pkgs.tailscale for this service.";
+      }
+      {
         assertion = lib.versionAtLeast (lib.getVersion service.tailscalePackage) "1.92";
         message = "${where}: tailscalePackage is tailscale ${lib.getVersion service.tailscalePackage}, but tsnsrv needs 1.92 or newer (Serve's PROXY protocol forwarding); use a newer pkgs.tailscale.";
       }

@@ -4,12 +4,17 @@ Session-wide: the pinned binaries, a headscale control server, a client device
 (alice's laptop: a kernel-TUN tailscaled in its own network namespace) and an
 upstream web service. Per test: `tsnsrv` services started as a user would start them.
 When a test fails, the logs of every process it started are attached to its report.
+
+The services' own tailscaleds run the build that `--tailscale-build` (or
+$TSNSRV_TAILSCALE_BUILD) names: `stock` (the default) or `trimmed`
+(docs/trimmed-tailscaled.md); headscale and the client devices always run the stock one.
+Tests marked `node` prove something of the service's own tailscaled, so CI runs them on
+both builds (scripts/test).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +23,7 @@ from typing import Any
 import pytest
 
 from harness import janitor
+from harness.binaries import BUILD_ARGS, BUILD_ENV, BUILDS, BuildFailed, built_by
 from harness.certtailnet import CertTailnet
 from harness.headscale import Headscale, start_headscale
 from harness.pebble import Pebble
@@ -26,11 +32,21 @@ from harness.tailnet import ClientDevice, NetworkNamespace, SocksClient, Tailsca
 from harness.tsnsrv import Tsnsrv, ensure_tailscaled_test_user
 from harness.upstream import Upstream
 
-REPO = Path(__file__).resolve().parent.parent
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--tailscale-build", choices=BUILDS, default=os.environ.get(BUILD_ENV) or "stock",
+                     help=f"the tailscale build of the services' own tailscaleds (default: ${BUILD_ENV} or stock)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    build = config.getoption("--tailscale-build")
+    if build not in BUILDS:  # from the environment, which argparse does not check
+        raise pytest.UsageError(f"{BUILD_ENV}={build!r}: the tailscale build is one of {', '.join(BUILDS)}")
     janitor.start()  # whatever the harness starts is gone when this run ends, even if it is killed
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"tailscale build of the services' nodes: {config.getoption('--tailscale-build')}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -61,17 +77,25 @@ def _note_processes(request: pytest.FixtureRequest) -> None:
     request.node._first_process = len(STARTED)
 
 
-def _built_by(script: str, what: str) -> Path:
+def _built_by(script: str, what: str, *args: str) -> Path:
     """The cache directory a build script of scripts/ prints (it builds only once)."""
-    result = subprocess.run([str(REPO / "scripts" / script)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"could not build {what}:\n{result.stderr}")
-    return Path(result.stdout.strip())
+    try:
+        return built_by(script, *args)
+    except BuildFailed as exc:
+        pytest.fail(f"could not build {what}: {exc}")
 
 
 @pytest.fixture(scope="session")
 def bin_dir() -> Path:
+    """headscale and the stock tailscaled/tailscale, for the control server and the clients."""
     return _built_by("tailnet-binaries", "the tailnet binaries")
+
+
+@pytest.fixture(scope="session")
+def node_bin_dir(request: pytest.FixtureRequest) -> Path:
+    """tailscaled and tailscale of the build the services' own nodes run (--tailscale-build)."""
+    build = request.config.getoption("--tailscale-build")
+    return _built_by("tailnet-binaries", f"the {build} tailscale", *BUILD_ARGS[build])
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +130,12 @@ def headscale(bin_dir: Path, netns: NetworkNamespace, tmp_path_factory: pytest.T
 
 
 @pytest.fixture
-def private_tailnet(bin_dir: Path, netns: NetworkNamespace, tmp_path_factory: pytest.TempPathFactory,
-                    service_root: Path, tailscaled_user: str | None) -> Iterator[TsnsrvFactory]:
+def private_tailnet(bin_dir: Path, node_bin_dir: Path, netns: NetworkNamespace,
+                    tmp_path_factory: pytest.TempPathFactory, service_root: Path,
+                    tailscaled_user: str | None) -> Iterator[TsnsrvFactory]:
     """A second headscale, for tests that would disturb the shared one, with a factory for its services."""
     server = start_headscale(bin_dir, netns.host_ip, tmp_path_factory.mktemp("private-headscale"))
-    factory = TsnsrvFactory(bin_dir, server, service_root, clients=[])
+    factory = TsnsrvFactory(node_bin_dir, server, service_root, clients=[])
     yield factory
     factory.stop_all()
     server.close()
@@ -174,23 +199,26 @@ def service_dir(service_root: Path, request: pytest.FixtureRequest) -> Path:
 
 
 class TsnsrvFactory:
-    """Starts `tsnsrv` services: factory("name", upstream_url, *flags, auth_key=..., start=True)."""
+    """Starts `tsnsrv` services: factory("name", upstream_url, *flags, auth_key=..., start=True).
 
-    def __init__(self, bin_dir: Path, headscale: Headscale, service_root: Path, clients: list[TailscaleNode]):
-        self.bin_dir, self.headscale, self.service_root = bin_dir, headscale, service_root
+    `node_bin_dir` holds the tailscaled the services spawn."""
+
+    def __init__(self, node_bin_dir: Path, headscale: Headscale, service_root: Path, clients: list[TailscaleNode]):
+        self.node_bin_dir, self.headscale, self.service_root = node_bin_dir, headscale, service_root
         self.clients = clients
         self.started: list[Tsnsrv] = []
 
     def __call__(self, name: str, upstream_url: str, *flags: str, auth_key: str | None = "alice", start: bool = True,
                  workdir: Path | None = None, plaintext: bool = True, env: dict[str, str] | None = None,
-                 **options: Any) -> Tsnsrv:
-        """`options` go to Tsnsrv (login_server, command_prefix)."""
+                 node_bin_dir: Path | None = None, **options: Any) -> Tsnsrv:
+        """`node_bin_dir` replaces the run's tailscale build for this one; `options` go to
+        Tsnsrv (login_server, command_prefix)."""
         key = self.headscale.auth_key(auth_key) if auth_key in ("alice", "bob") else auth_key
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.service_root))
             workdir.chmod(0o711)
-        service = Tsnsrv(name, upstream_url, workdir, self.bin_dir, self.headscale, key, list(flags), env=env,
-                         plaintext=plaintext, **options)
+        service = Tsnsrv(name, upstream_url, workdir, node_bin_dir or self.node_bin_dir, self.headscale, key,
+                         list(flags), env=env, plaintext=plaintext, **options)
         self.started.append(service)
         if start:
             service.start(clients=self.clients)
@@ -209,18 +237,18 @@ def clients(laptop: ClientDevice, bob_phone: SocksClient, ci_runner: SocksClient
 
 
 @pytest.fixture
-def make_tsnsrv(bin_dir: Path, headscale: Headscale, tailscaled_user: str | None, service_root: Path,
+def make_tsnsrv(node_bin_dir: Path, headscale: Headscale, tailscaled_user: str | None, service_root: Path,
                 clients: list[TailscaleNode]) -> Iterator[TsnsrvFactory]:
-    factory = TsnsrvFactory(bin_dir, headscale, service_root, clients)
+    factory = TsnsrvFactory(node_bin_dir, headscale, service_root, clients)
     yield factory
     factory.stop_all()
 
 
 @pytest.fixture(scope="module")
-def module_tsnsrv(bin_dir: Path, headscale: Headscale, tailscaled_user: str | None, service_root: Path,
+def module_tsnsrv(node_bin_dir: Path, headscale: Headscale, tailscaled_user: str | None, service_root: Path,
                   clients: list[TailscaleNode]) -> Iterator[TsnsrvFactory]:
     """Like make_tsnsrv, for services that every test of a module shares."""
-    factory = TsnsrvFactory(bin_dir, headscale, service_root, clients)
+    factory = TsnsrvFactory(node_bin_dir, headscale, service_root, clients)
     yield factory
     factory.stop_all()
 
@@ -229,13 +257,13 @@ def module_tsnsrv(bin_dir: Path, headscale: Headscale, tailscaled_user: str | No
 
 
 @pytest.fixture(scope="session")
-def cert_tailnet(bin_dir: Path, cert_bin_dir: Path, service_root: Path, tailscaled_user: str | None,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[CertTailnet]:
+def cert_tailnet(bin_dir: Path, cert_bin_dir: Path, node_bin_dir: Path, service_root: Path,
+                 tailscaled_user: str | None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CertTailnet]:
     if os.geteuid() != 0:
         pytest.fail("the certificate tailnet needs root (network namespaces, a resolver on port 53)")
     shared = service_root / "cert-tailnet"
     shared.mkdir(mode=0o755)
-    tailnet = CertTailnet(bin_dir, cert_bin_dir, tmp_path_factory.mktemp("cert-tailnet"), shared)
+    tailnet = CertTailnet(bin_dir, cert_bin_dir, node_bin_dir, tmp_path_factory.mktemp("cert-tailnet"), shared)
     try:
         yield tailnet.start()
     finally:
@@ -243,12 +271,12 @@ def cert_tailnet(bin_dir: Path, cert_bin_dir: Path, service_root: Path, tailscal
 
 
 @pytest.fixture
-def cert_tsnsrv(bin_dir: Path, cert_tailnet: CertTailnet, service_root: Path,
+def cert_tsnsrv(node_bin_dir: Path, cert_tailnet: CertTailnet, service_root: Path,
                 tailscaled_user: str | None) -> Iterator[Any]:
     """Starts `tsnsrv` with HTTPS on the certificate tailnet: cert_tsnsrv("name", upstream_url, *flags,
     pebble=None (the session's CA), auth_key="alice" (or a key), start=True, ...)."""
     assert cert_tailnet.headscale is not None and cert_tailnet.laptop is not None
-    factory = TsnsrvFactory(bin_dir, cert_tailnet.headscale, service_root, [cert_tailnet.laptop.node])
+    factory = TsnsrvFactory(node_bin_dir, cert_tailnet.headscale, service_root, [cert_tailnet.laptop.node])
 
     def make(name: str, upstream_url: str, *flags: str, pebble: Pebble | None = None, **options: Any) -> Tsnsrv:
         return factory(name, upstream_url, *flags, plaintext=False, **cert_tailnet.service_options(pebble),

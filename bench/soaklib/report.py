@@ -95,7 +95,8 @@ def markdown(args: Any, profile: Profile, schedule: list[PlannedFault], runs: li
         f"Run {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(started))}, seed {args.seed}, "
         f"{len(schedule)} faults per candidate, transfers up to {profile.max_transfer / 1e6:g} MB; "
         + ", ".join(f"{r['label']} {r['duration_s'] / 60:.1f} min" for r in results) + ". "
-        f"Ours ran with {' '.join(args.ours_flags)}. Supervisor RestartSec {args.restart_sec:g} s.",
+        f"Ours ran with {' '.join(args.ours_flags)}, spawning {args.tailscale_bin_dir / 'tailscaled'}. "
+        f"Supervisor RestartSec {args.restart_sec:g} s.",
         "",
         "## Per fault kind",
         "",
@@ -246,7 +247,8 @@ def write(args: Any, profile: Profile, schedule: list[PlannedFault], runs: list[
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     document = {"seed": args.seed, "mode": "short" if args.short else "long", "duration_planned_s": args.duration,
-                "ours_flags": args.ours_flags, "restart_sec": args.restart_sec, "profile": profile.__dict__,
+                "ours_flags": args.ours_flags, "ours_tailscaled": str(args.tailscale_bin_dir / "tailscaled"),
+                "restart_sec": args.restart_sec, "profile": profile.__dict__,
                 "schedule": [f.__dict__ for f in schedule], "runs": [],
                 "results": [{**result, "verdicts": verdicts(result)} for result in results]}
     for run in runs:

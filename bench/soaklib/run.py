@@ -108,7 +108,7 @@ class CandidateRun:
         assert headscale is not None
         key = headscale.auth_key("alice")
         if self.label == "tsnsrv":
-            return Ours(self.work / "tsnsrv", self.tailnet.bin_dir, headscale, key, upstream.url,
+            return Ours(self.work / "tsnsrv", self.args.tailscale_bin_dir, headscale, key, upstream.url,
                         certificates.cert_file, certificates.key_file, self.args.ours_flags, self.args.restart_sec)
         return Go(self.args.go_tsnsrv, self.work / "go-tsnsrv", headscale, key, upstream.url,
                   certificates.cert_file, certificates.key_file, self.args.restart_sec)
@@ -218,6 +218,9 @@ def wait_for_probe(clients: ClientsProcess, since: float, timeout: float) -> flo
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bin-dir", type=Path, required=True, help="directory with tailscaled, tailscale, headscale")
+    parser.add_argument("--tailscale-bin-dir", type=Path, default=None,
+                        help="the tailscaled our service spawns, e.g. the trimmed one (`scripts/tailnet-binaries "
+                             "trimmed`; docs/trimmed-tailscaled.md); default: --bin-dir's")
     parser.add_argument("--short", action="store_true",
                         help="every fault kind once, small transfers (a few minutes per candidate)")
     parser.add_argument("--duration", type=float, default=3600,
@@ -253,6 +256,7 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--go-tsnsrv: no Go tsnsrv at {args.go_tsnsrv}; build it with bench/build-go-tsnsrv")
     if args.out is None:
         args.out = BENCH / "results" / "soak" / ("short" if args.short else "")
+    args.tailscale_bin_dir = args.tailscale_bin_dir or args.bin_dir
     return args
 
 

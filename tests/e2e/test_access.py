@@ -6,6 +6,9 @@ import pytest
 
 from harness.upstream import echo
 
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
+
 
 def status(client, url: str) -> int:
     result = client.curl("-o", "/dev/null", "-w", "%{http_code}", url)

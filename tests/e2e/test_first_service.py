@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from harness.upstream import echo
+
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
 
 
 def test_client_reaches_upstream_through_the_tailnet_with_its_identity(make_tsnsrv, laptop, upstream, headscale):

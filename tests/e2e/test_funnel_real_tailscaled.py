@@ -17,6 +17,9 @@ import pytest
 from harness.funnel_relay import StandInFunnelRelay
 from harness.upstream import echo
 
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
+
 SPOOFED = ("X-Tailscale-User-LoginName: mallory@example.com", "Tailscale-User-Login: mallory@example.com",
            "Tailscale-Funnel-Request: ?0")
 

@@ -21,6 +21,9 @@ from harness.probes import udp_reply
 from harness.resolver import LoopbackResolver, private_resolv_conf_prefix
 from harness.tailnet import TailscaleNode
 
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
+
 
 class LoopbackListener:
     """A host service on 127.0.0.1 that must stay private: counts who reaches it."""
@@ -67,9 +70,9 @@ def udp_secret():
 
 
 @pytest.fixture(scope="module")
-def bare_node(bin_dir, headscale, tmp_path_factory, clients, laptop):
-    """A plain userspace tailscaled on this host: what tsnsrv must not be like."""
-    node = TailscaleNode("bare", bin_dir, tmp_path_factory.mktemp("bare")).start()
+def bare_node(node_bin_dir, headscale, tmp_path_factory, clients, laptop):
+    """A plain userspace tailscaled on this host (of the build the services run): what tsnsrv must not be like."""
+    node = TailscaleNode("bare", node_bin_dir, tmp_path_factory.mktemp("bare")).start()
     node.up(headscale.url, headscale.auth_key("alice"))
     laptop.node.wait_for_peer(node.ipv4)
     yield node

@@ -10,6 +10,9 @@ import pytest
 
 from harness.upstream import echo
 
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
+
 
 @pytest.fixture(scope="module")
 def service(module_tsnsrv, upstream):

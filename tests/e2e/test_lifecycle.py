@@ -16,14 +16,17 @@ from harness.processes import wait_for
 from harness.tailnet import TailscaleNode
 from harness.tsnsrv import tsnsrv_command
 
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
+
 
 def ok(client, service) -> bool:
     return client.curl("-o", "/dev/null", "-w", "%{http_code}", f"http://{service.ip}/").stdout == b"200"
 
 
-def test_attach_mode_drives_a_running_tailscaled(make_tsnsrv, bin_dir, tmp_path_factory, upstream, laptop,
+def test_attach_mode_drives_a_running_tailscaled(make_tsnsrv, node_bin_dir, tmp_path_factory, upstream, laptop,
                                                  headscale):
-    daemon = TailscaleNode("attached-daemon", bin_dir, tmp_path_factory.mktemp("attached")).start()
+    daemon = TailscaleNode("attached-daemon", node_bin_dir, tmp_path_factory.mktemp("attached")).start()
     try:
         service = make_tsnsrv("attached", upstream.url, "--tailscaled-socket", str(daemon.socket))
 
@@ -150,10 +153,10 @@ def test_two_processes_cannot_share_one_state_directory(make_tsnsrv, upstream, s
     (["--funnel", "--listen-port", "8080"], "--listen-port: Funnel only accepts ports 443, 8443, 10000"),
     (["--funnel"], "--plaintext: Funnel only carries TLS"),
 ])
-def test_bad_configuration_is_refused_before_anything_starts(flags, expected, bin_dir, service_dir, headscale):
+def test_bad_configuration_is_refused_before_anything_starts(flags, expected, node_bin_dir, service_dir, headscale):
     state = service_dir / "state"
     argv = [tsnsrv_command(), "--name", "refused", "--login-server", headscale.url, "--plaintext",
-            "--tailscaled", str(bin_dir / "tailscaled"), "--state-dir", str(state),
+            "--tailscaled", str(node_bin_dir / "tailscaled"), "--state-dir", str(state),
             "--control-socket", str(service_dir / "control.sock"), *flags, "http://127.0.0.1:1"]
     if os.geteuid() == 0:
         argv[1:1] = ["--tailscaled-user", "tsnsrv-test"]

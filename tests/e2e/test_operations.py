@@ -16,6 +16,9 @@ from harness.notify import NotifySocket
 from harness.processes import free_port, wait_for
 from harness.tsnsrv import tsnsrv_command
 
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
+
 
 def serve_config(socket_path: str, bin_dir: Path) -> dict:
     result = subprocess.run([str(bin_dir / "tailscale"), f"--socket={socket_path}", "serve", "status", "--json"],
@@ -23,12 +26,12 @@ def serve_config(socket_path: str, bin_dir: Path) -> dict:
     return json.loads(result.stdout or "{}")
 
 
-def test_systemd_hears_status_then_ready_then_watchdog_then_stopping(make_tsnsrv, upstream, laptop, bin_dir,
+def test_systemd_hears_status_then_ready_then_watchdog_then_stopping(make_tsnsrv, upstream, laptop, node_bin_dir,
                                                                      service_dir):
     tailscaled_socket = {}
 
     def look_at_serve_config():
-        return serve_config(tailscaled_socket["path"], bin_dir)
+        return serve_config(tailscaled_socket["path"], node_bin_dir)
 
     notify = NotifySocket(service_dir / "notify.sock", on_ready=look_at_serve_config)
     service = make_tsnsrv("notified", upstream.url, start=False, workdir=service_dir,

@@ -10,9 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from harness.processes import wait_for
 from harness.tailnet import TailscaleNode
 from harness.upstream import Upstream
+
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
 
 TRAFFIC = """
 import sys, time, urllib.request

@@ -12,6 +12,9 @@ import pytest
 from harness.processes import wait_for
 from harness.upstream import pattern_sha256
 
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
+
 
 @pytest.fixture(scope="module")
 def service(module_tsnsrv, upstream):

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import signal
 
+import pytest
 import trustme
 from cryptography import x509
 
 from harness.processes import wait_for
 from harness.tlsclient import peer_certificate
 from harness.upstream import echo
+
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
 
 
 def write_pair(ca: trustme.CA, host: str, directory) -> int:

@@ -24,6 +24,9 @@ from harness.tlsclient import peer_certificate, watch_renewal
 from harness.tsnsrv import tsnsrv_command
 from harness.upstream import echo
 
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
+
 UTC = dt.timezone.utc
 
 

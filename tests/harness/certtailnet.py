@@ -52,10 +52,12 @@ CERT_POLICY: dict[str, Any] = {
 
 
 class CertTailnet:
-    def __init__(self, bin_dir: Path, cert_bin_dir: Path, workdir: Path, shared_dir: Path):
-        """`shared_dir`: where files go that the services' tailscaleds (the unprivileged
-        test account) must read or run."""
+    def __init__(self, bin_dir: Path, cert_bin_dir: Path, node_bin_dir: Path, workdir: Path, shared_dir: Path):
+        """`node_bin_dir`: the tailscale build the services' tailscaleds run (the laptop
+        runs bin_dir's); `shared_dir`: where files go that those (the unprivileged test
+        account) must read or run."""
         self.bin_dir, self.cert_bin_dir, self.dir, self.shared_dir = bin_dir, cert_bin_dir, workdir, shared_dir
+        self.node_bin_dir = node_bin_dir
         block = os.getpid() % 250 + 1
         # .8/30 of the block: the bench takes .0/30 of the same 198.19.x.0/24, the systemd tier .4/30.
         self.netns = NetworkNamespace(f"tsc{os.getpid()}", f"198.19.{block}.9", f"198.19.{block}.10")
@@ -100,7 +102,7 @@ class CertTailnet:
         wrapper.write_text("#!/bin/sh\n"
                            f"export TS_DEBUG_ACME_DIRECTORY_URL={shlex.quote(pebble.directory_url)}\n"
                            f"export SSL_CERT_FILE={shlex.quote(str(pebble.api_ca_file))}\n"
-                           f'exec {shlex.quote(str(self.bin_dir / "tailscaled"))} "$@"\n')
+                           f'exec {shlex.quote(str(self.node_bin_dir / "tailscaled"))} "$@"\n')
         wrapper.chmod(0o755)
         return wrapper
 

@@ -179,6 +179,12 @@ class Headscale:
     def node_names(self) -> list[str]:
         return sorted(node.get("given_name") or node.get("name") for node in self.nodes())
 
+    def delete_nodes(self, names: set[str]) -> None:
+        """Remove these nodes from the tailnet (they leave every other node's network map)."""
+        for node in self.nodes():
+            if (node.get("given_name") or node.get("name")) in names:
+                self.cli("nodes", "delete", "--identifier", str(node["id"]), "--force")
+
     def set_policy(self, policy: dict[str, Any]) -> None:
         """Replace the ACL policy and make headscale load it now."""
         self.policy_path.write_text(json.dumps(policy, indent=2))

@@ -71,9 +71,10 @@ def base_image(guest_image_dir: Path) -> str:
 
 
 def sidecar_image(base_tag: str, bin_dir: Path) -> str:
-    """The sidecar image with this checkout's tsnsrv; tagged by the content it holds."""
+    """The sidecar image with this checkout's tsnsrv and the tailscale of `bin_dir`; tagged
+    by the content it holds."""
     digest = hashlib.sha256(base_tag.encode())
-    for path in sorted((REPO / "python" / "tsnsrv").glob("*.py")):
+    for path in [*sorted((REPO / "python" / "tsnsrv").glob("*.py")), bin_dir / "tailscaled", bin_dir / "tailscale"]:
         digest.update(path.name.encode() + path.read_bytes())
     name = f"localhost/tsnsrv-test-sidecar:{digest.hexdigest()[:16]}"
     if podman("image", "exists", name, check=False).returncode == 0:

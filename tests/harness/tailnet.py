@@ -85,7 +85,8 @@ class TailscaleNode:
     """
 
     def __init__(self, name: str, bin_dir: Path, workdir: Path, netns: NetworkNamespace | None = None,
-                 socks5_port: int | None = None, extra_args: Sequence[str] = ()):
+                 socks5_port: int | None = None, extra_args: Sequence[str] = (),
+                 env: dict[str, str] | None = None):
         self.name = name
         self.bin_dir = bin_dir
         self.dir = workdir
@@ -101,7 +102,7 @@ class TailscaleNode:
         if netns is not None:
             argv = netns.command(argv)
         self.process = ManagedProcess(f"tailscaled-{name}", argv, workdir / "tailscaled.log",
-                                      env=offline_env(TS_LOGS_DIR=str(workdir)))
+                                      env=offline_env(TS_LOGS_DIR=str(workdir), **(env or {})))
 
     def start(self) -> TailscaleNode:
         self.dir.mkdir(parents=True, exist_ok=True)

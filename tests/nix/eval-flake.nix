@@ -78,6 +78,12 @@ in
   vmTests = lib.mapAttrs (_: check: check.test.imports or null) (
     builtins.removeAttrs outputs.checks.x86_64-linux [ "package" ]
   );
+  # The files the flake's trimmed tailscale and the trimmed VM test's services are called from.
+  trimmedPackageFile = baseNameOf outputs.packages.x86_64-linux.tailscaleTrimmed.path;
+  overlayTrimmedFile = baseNameOf (outputs.overlays.default (stubPkgs "x86_64-linux") { }).tailscaleTrimmed.path;
+  vmTrimmedTailscaleFile =
+    baseNameOf
+      outputs.checks.x86_64-linux.vm-tailnet-trimmed.test.nodes.server.services.tsnsrv.defaults.tailscalePackage.path;
 
   package = {
     inherit (package)

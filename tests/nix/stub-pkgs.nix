@@ -31,7 +31,22 @@ let
           version = "0.1.0";
           meta.mainProgram = "tsnsrv";
         };
-    tailscale = fakeDerivation "tailscale-${tailscaleVersion}" { version = tailscaleVersion; };
+    # nixpkgs' tailscale as nixos/tailscale-trimmed.nix reads and overrides it: overrideAttrs
+    # merges the new attributes and lifts passthru to the top, as mkDerivation does.
+    tailscale =
+      let
+        package =
+          attrs:
+          fakeDerivation "tailscale-${tailscaleVersion}" (
+            attrs // attrs.passthru // { overrideAttrs = f: package (attrs // f attrs); }
+          );
+      in
+      package {
+        version = tailscaleVersion;
+        tags = [ "ts_include_cli" ];
+        passthru = { };
+        meta.description = "Node agent for Tailscale, a mesh VPN built on WireGuard";
+      };
     coreutils = fakeDerivation "coreutils-9.7" { };
     # What NixOS puts on every service's PATH, and in its global environment.
     findutils = fakeDerivation "findutils-4.10.0" { };
@@ -71,7 +86,7 @@ let
     cacert = fakeDerivation "nss-cacert-3.115" { };
     stdenv = {
       buildPlatform.canExecute = _: true;
-      hostPlatform = { };
+      hostPlatform.system = "x86_64-linux";
     };
   };
 in

@@ -47,17 +47,21 @@ def flake() -> dict[str, Any]:
 @needs_lib
 def test_outputs(flake: dict[str, Any]) -> None:
     assert {s: sorted(p) for s, p in flake["packages"].items()} == {
-        s: ["default", "tsnsrv"] + (["tsnsrvOciImage"] if s in LINUX else []) for s in ALL}
+        s: ["default"] + (["tailscaleTrimmed"] if s in LINUX else []) + ["tsnsrv"]
+        + (["tsnsrvOciImage"] if s in LINUX else []) for s in ALL}
     assert flake["packageFile"] == "package.nix"
     assert set(flake["checks"]) == LINUX
-    assert all({"package", "vm-tailnet", "vm-oci"} <= set(c) for c in flake["checks"].values())
+    assert all({"package", "vm-tailnet", "vm-tailnet-trimmed", "vm-oci"} <= set(c) for c in flake["checks"].values())
     assert {name: [Path(path).name.split("-", 1)[1] for path in imports]
-            for name, imports in flake["vmTests"].items()} == {"vm-tailnet": ["tailnet.nix"], "vm-oci": ["oci.nix"]}
+            for name, imports in flake["vmTests"].items()} == {
+        "vm-tailnet": ["tailnet.nix"], "vm-tailnet-trimmed": ["tailnet.nix"], "vm-oci": ["oci.nix"]}
     assert set(flake["devShells"]) == ALL
     assert set(flake["formatter"]) == ALL and set(flake["formatter"].values()) == {"nixfmt-tree"}
     assert flake["nixosModules"] == {"default": str(REPO / "nixos/module.nix"),
                                      "tsnsrv": str(REPO / "nixos/module.nix")}
-    assert flake["overlay"] == ["tsnsrv"]
+    assert flake["overlay"] == ["tailscaleTrimmed", "tsnsrv"]
+    assert flake["trimmedPackageFile"] == flake["overlayTrimmedFile"] == "tailscale-trimmed.nix"
+    assert flake["vmTrimmedTailscaleFile"] == "tailscale-trimmed.nix"
 
 
 @needs_lib

@@ -189,6 +189,11 @@ ASSERTION_CASES = {
     "control server on loopback": ('{ a = { toURL = "http://x:1"; loginServerUrl = "http://127.0.0.1:8080"; }; }',
                                    "is on host loopback"),
     "funnelOnly without funnel": ('{ a = { toURL = "http://x:1"; funnelOnly = true; }; }', "funnelOnly = true needs"),
+    # What nixos/tailscale-trimmed.nix makes, as far as the module reads it.
+    "log upload on the trimmed tailscale": (
+        '{ a = { toURL = "http://x:1"; tailscaledLogUpload = true; tailscalePackage = { type = "derivation"; '
+        'name = "tailscale-1.98.10"; version = "1.98.10"; outPath = "/nix/store/00000000000000000000000000000000-'
+        'tailscale-1.98.10"; omittedFeatures = [ "logtail" ]; }; }; }', "built without log upload"),
     "long attribute name": ('{ a-very-long-service-attribute-name = { toURL = "http://x:1"; }; }',
                             "1-24 lowercase letters"),
     # Both would make tsnsrv-web-tailscaled.service, and one proxy unit would silently vanish.

@@ -65,12 +65,12 @@ class Sidecar:
 
 
 @pytest.fixture(scope="module")
-def images(bin_dir):
+def images(node_bin_dir):
     unavailable = podman_unavailable() or (None if NIXPKGS_LIB is not None else NO_LIB_REASON)
     if unavailable:
         pytest.skip(unavailable)
     base_tag = base_image(guest_image())
-    return f"localhost/tsnsrv-test-base:{base_tag}", sidecar_image(base_tag, bin_dir)
+    return f"localhost/tsnsrv-test-base:{base_tag}", sidecar_image(base_tag, node_bin_dir)
 
 
 @pytest.fixture(scope="module")

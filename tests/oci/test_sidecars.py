@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from harness.probes import udp_reply
+
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
 
 
 def tcp_reply(laptop, ip: str, port: int) -> bytes:

@@ -16,13 +16,16 @@ REPO = Path(__file__).resolve().parents[2]
 FAULT_KINDS = {"tailscaled-kill", "proxy-kill", "upstream-restart", "upstream-rst-length", "upstream-rst-chunked",
                "upstream-rst-close", "upstream-slow", "headscale-restart", "client-tailscaled-restart", "reload"}
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+# node: on the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200), pytest.mark.node]
 
 
-def test_the_short_soak_holds_every_invariant(bin_dir: Path, tailscaled_user: str | None, tmp_path: Path) -> None:
+def test_the_short_soak_holds_every_invariant(bin_dir: Path, node_bin_dir: Path, tailscaled_user: str | None,
+                                              tmp_path: Path) -> None:
     out = tmp_path / "results"
     soak = ManagedProcess("soak", [sys.executable, str(REPO / "bench" / "soaklib" / "run.py"), "--bin-dir",
-                                   str(bin_dir), "--short", "--seed", "1", "--out", str(out)], tmp_path / "soak.log")
+                                   str(bin_dir), "--tailscale-bin-dir", str(node_bin_dir), "--short", "--seed", "1",
+                                   "--out", str(out)], tmp_path / "soak.log")
     soak.start()
     status = soak.wait(1100)
     results = out / "results.json"

@@ -100,7 +100,7 @@ systemctl start multi-user.target
 
 
 @pytest.fixture(scope="session")
-def tier(bin_dir: Path, cert_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
+def tier(bin_dir: Path, cert_bin_dir: Path, node_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     unavailable = qemu_unavailable() or (None if NIXPKGS_LIB is not None else NO_LIB_REASON)
     if unavailable:
         pytest.skip(unavailable)
@@ -131,7 +131,7 @@ def tier(bin_dir: Path, cert_bin_dir: Path, tmp_path_factory: pytest.TempPathFac
         scenario_args = {"serverLoginServer": f"http://{HOST_FROM_GUEST}:{headscale.relay_port}",
                          "clientLoginServer": headscale.url, "controlPort": headscale.relay_port,
                          "switchToChanged": SWITCH_TO_CHANGED}
-        disk = RunDisk(work / "run-disk", bin_dir)
+        disk = RunDisk(work / "run-disk", node_bin_dir)  # the guest's pkgs.tailscale
         base = evaluate(scenario_args, [ACME_MODULE, TLS_MODULE], changed=False)
         disk.add_configuration("base", base)
         disk.add_configuration("changed", evaluate(scenario_args, [ACME_MODULE, TLS_MODULE], changed=True))

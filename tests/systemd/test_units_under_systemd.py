@@ -17,6 +17,9 @@ import trustme
 from conftest import ACME_HOST, TLS_SERVICE, scenario_namespace
 from harness import tlsclient
 
+# On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
+pytestmark = pytest.mark.node
+
 
 def test_systemd_accepts_every_rendered_unit(tier):
     out = tier.guest.succeed("systemd-analyze verify --man=no /etc/systemd/system/tsnsrv-*.service "
