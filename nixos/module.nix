@@ -1,6 +1,6 @@
 # services.tsnsrv: each local web service on the tailnet as its own machine.
 #
-# Per service `<name>` this runs two units (README.md, "Security"):
+# Per service `<name>` this runs two units (docs/security.md):
 #
 #   tsnsrv-<name>-tailscaled.service  the service's own userspace tailscaled. A userspace
 #                                     tailscaled forwards every tailnet port that Serve does
@@ -193,7 +193,7 @@ let
           RestartSec = "5s";
           StateDirectory = unitOf unit;
           StateDirectoryMode = "0700";
-          # Peers must not reach host loopback through the node (README.md, "Security").
+          # Peers must not reach host loopback through the node (docs/security.md).
           IPAddressDeny = "localhost";
           IPAddressAllow = [
             service.frontAddress

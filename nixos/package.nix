@@ -9,16 +9,16 @@ python3Packages.buildPythonApplication {
   pyproject = true;
 
   # Only what the build and the unit tests read, so that editing the module or the
-  # end-to-end suites does not rebuild the package (README.md is in, for its option table).
+  # end-to-end suites does not rebuild the package (docs/options.md is in, for its option table).
   src = lib.fileset.toSource {
     root = ../.;
     fileset = lib.fileset.unions [
       ../python/pyproject.toml
       ../python/tsnsrv
       ../pytest.ini
-      # tests/unit/test_docs.py checks the README's option table against the model, and
+      # tests/unit/test_docs.py checks the option table of docs/options.md against the model, and
       # the assertion page's examples against the test verifiers (in tests/harness).
-      ../README.md
+      ../docs/options.md
       ../docs/identity-assertions.md
       ../tests/conftest.py
       ../tests/harness

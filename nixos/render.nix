@@ -68,7 +68,7 @@ let
   ];
 
   # JSON keys the module decides itself, because they describe the unit layout rather
-  # than the service: tailscaled runs in its own unit (README.md, "Security"), so the proxy
+  # than the service: tailscaled runs in its own unit (docs/security.md), so the proxy
   # attaches to its socket instead of spawning a daemon.
   managedKeys = [
     "stateDir"

@@ -44,7 +44,7 @@ UNCONFINED_WARNING = """
 !!! tailscaled runs WITHOUT the loopback guard (%s).
 !!! A tailnet peer that may reach this service can also reach every other TCP and UDP
 !!! port on this host's 127.0.0.1 through it. Restrict the node with your tailnet ACL
-!!! to the service's port only (see "Security" in the README), or run tsnsrv with the
+!!! to the service's port only (see docs/security.md), or run tsnsrv with the
 !!! NixOS module, whose systemd units close this with IPAddressDeny."""
 
 

@@ -5,9 +5,9 @@ do, and the node's own Serve config decides whether it takes it. The node is gra
 `funnel` attribute by the patched headscale's policy (harness/certtailnet.py) and serves
 its real certificate from the local CA, end to end to the public client.
 
-What README promises for Funnel clients: no tailnet identity (whatever they send),
-`Tailscale-Funnel-Request: ?1` in the 'serve' header schema, `funnel:` prefixes, and
-`--funnel-only` refusing the tailnet; a node without Funnel takes no public traffic.
+What docs/tls-and-funnel.md promises for Funnel clients: no tailnet identity (whatever
+they send), `Tailscale-Funnel-Request: ?1` in the 'serve' header schema, `funnel:` prefixes,
+and `--funnel-only` refusing the tailnet; a node without Funnel takes no public traffic.
 """
 
 from __future__ import annotations

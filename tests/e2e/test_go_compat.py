@@ -102,7 +102,7 @@ def both_scripted(go_binary, module_tsnsrv, scripted, headscale, clients, tmp_pa
 
 
 def test_103_early_hints_are_dropped_and_the_final_response_arrives_whole(both_scripted, laptop):
-    # A difference from the Go tsnsrv (README, "Coming from the Go tsnsrv"): aiohttp's client
+    # A difference from the Go tsnsrv (docs/coming-from-go.md): aiohttp's client
     # reads past 1xx responses, so the hints are lost; the page itself is not.
     ours, go = through_both(both_scripted, laptop, get_request("/early-hints", "books"))
     assert ours.head.startswith("HTTP/1.1 200 OK\r\n") and "103" not in ours.head, ours.head
@@ -111,7 +111,7 @@ def test_103_early_hints_are_dropped_and_the_final_response_arrives_whole(both_s
 
 
 def test_response_trailers_are_dropped_and_the_upstream_is_not_offered_them(both_scripted, laptop, scripted):
-    # A difference from the Go tsnsrv (README, "Coming from the Go tsnsrv"): aiohttp's client
+    # A difference from the Go tsnsrv (docs/coming-from-go.md): aiohttp's client
     # reads past trailers, so tsnsrv does not tell the upstream that its client takes them.
     before = len(scripted.heads)
     ours, go = through_both(both_scripted, laptop, get_request("/trailers", "books", headers="TE: trailers\r\n"))

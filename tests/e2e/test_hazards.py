@@ -1,4 +1,4 @@
-"""The two holes a per-service tailscaled opens on the host, closed (README.md, "Security").
+"""The two holes a per-service tailscaled opens on the host, closed (docs/security.md).
 
 Each test first shows the hole on a bare userspace tailscaled (the control), so the
 test would fail if the harness could not demonstrate the attack at all, then shows

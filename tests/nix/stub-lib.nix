@@ -2,7 +2,7 @@
 # checkout (the CI machines have only Debian's Nix 2.8): every option becomes a plain
 # attrset with its default, description and type description. Type descriptions follow
 # nixpkgs' wording and parenthesisation (lib/types.nix), so that the options table in
-# the README's NixOS options table reads as the NixOS manual would; test_module_lib.py compares them with
+# the NixOS options table of docs/options.md reads as the NixOS manual would; test_module_lib.py compares them with
 # the real `lib` where one is available.
 let
   type = description: descriptionClass: extra: { inherit description descriptionClass; } // extra;

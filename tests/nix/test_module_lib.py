@@ -25,7 +25,7 @@ LIB = NIXPKGS_LIB
 
 pytestmark = pytest.mark.skipif(LIB is None, reason=NO_LIB_REASON)
 
-# The blog post's setup, as in README.md.
+# The blog post's setup, as in docs/nixos.md.
 BLOG = """{
   services.tsnsrv = {
     enable = true;

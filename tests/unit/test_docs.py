@@ -1,8 +1,8 @@
-"""The README's option table is generated from the config model and must stay in sync;
-the verification examples of docs/identity-assertions.md are the test verifiers' code.
+"""The option table of docs/options.md is generated from the config model and must stay in
+sync; the verification examples of docs/identity-assertions.md are the test verifiers' code.
 
 If this fails after adding or changing an option, regenerate the table:
-    python -m tsnsrv.docs --write README.md
+    python -m tsnsrv.docs --write docs/options.md
 """
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ import pytest
 from tsnsrv import config, docs
 
 REPO = Path(__file__).resolve().parents[2]
-README = REPO / "README.md"
+OPTIONS_PAGE = REPO / "docs" / "options.md"
 ASSERTIONS_PAGE = REPO / "docs" / "identity-assertions.md"
 VERIFIERS = REPO / "tests" / "harness" / "assertion_verifiers"
 
 
-def readme_table(text: str) -> str:
+def page_table(text: str) -> str:
     start = text.index(docs.BEGIN) + len(docs.BEGIN)
     return text[start:text.index(docs.END)].strip("\n")
 
 
-def test_readme_option_table_matches_the_config_model():
-    text = README.read_text()
+def test_the_option_table_matches_the_config_model():
+    text = OPTIONS_PAGE.read_text()
     assert text.count(docs.BEGIN) == 1 and text.count(docs.END) == 1
-    assert readme_table(text) == docs.table(), "README.md is stale: run `python -m tsnsrv.docs --write README.md`"
+    assert page_table(text) == docs.table(), \
+        "docs/options.md is stale: run `python -m tsnsrv.docs --write docs/options.md`"
     assert docs.splice(text) == text
 
 
@@ -64,21 +65,21 @@ def test_pipes_in_help_are_escaped_for_markdown():
     assert row.count(" | ") == 3  # four cells, whatever the help text holds
 
 
-def test_a_new_option_makes_the_readme_stale(monkeypatch):
+def test_a_new_option_makes_the_page_stale(monkeypatch):
     @attrs.define
     class Extra:
         brand_new_option: int = config.option(7, metavar="N", help="Something nobody documented yet.")
 
     field = attrs.fields(Extra).brand_new_option
     monkeypatch.setattr(docs, "FIELDS", {**config.FIELDS, config.json_key(field): field})
-    text = README.read_text()
-    assert readme_table(text) != docs.table()
+    text = OPTIONS_PAGE.read_text()
+    assert page_table(text) != docs.table()
     assert "| `--brand-new-option N` | `brandNewOption` | `7` | Something nobody documented yet. |" in docs.table()
     assert docs.splice(text) != text
 
 
 def test_write_replaces_only_the_table(tmp_path):
-    target = tmp_path / "README.md"
+    target = tmp_path / "options.md"
     target.write_text(f"# Title\n\n{docs.BEGIN}\nold table\n{docs.END}\n\nafter\n")
     assert docs.main(["--write", str(target)]) == 0
     assert target.read_text() == f"# Title\n\n{docs.BEGIN}\n{docs.table()}\n{docs.END}\n\nafter\n"
