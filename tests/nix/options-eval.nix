@@ -26,6 +26,7 @@ let
     _: option:
     {
       type = option.type.description;
+      typeMarkdown = option.type.describe (import ./markdown-code.nix);
       inherit (option) description;
       hasDefault = option ? default;
       default = option.default or null;

@@ -63,9 +63,9 @@ def rows(prefix: str, options: dict[str, dict[str, Any]], service_options: dict[
     for name in order:
         option = options.get(name) or service_options[name]
         shown = default_of(option if name in options else service_options[name])
-        out.append(f"| `{prefix}{name}` | {cell(option['type'])} | {shown} | {cell(option['description'])} |")
+        out.append(f"| `{prefix}{name}` | {cell(option['typeMarkdown'])} | {shown} | {cell(option['description'])} |")
         for sub, suboption in (option.get("suboptions") or {}).items():
-            out.append(f"| `{prefix}{name}.{sub}` | {cell(suboption['type'])} | {default_of(suboption)} | "
+            out.append(f"| `{prefix}{name}.{sub}` | {cell(suboption['typeMarkdown'])} | {default_of(suboption)} | "
                        f"{cell(suboption['description'])} |")
     return out
 

@@ -5,11 +5,21 @@
 # the NixOS options table of docs/options.md reads as the NixOS manual would; test_module_lib.py compares them with
 # the real `lib` where one is available.
 let
-  type = description: descriptionClass: extra: { inherit description descriptionClass; } // extra;
+  # A type's description is `describe show`, where `show` renders the literal values in it
+  # (patterns, enum values): `describe (s: s)` is nixpkgs' wording, and options-eval.nix
+  # renders them as Markdown code for the docs table.
+  type =
+    describe: descriptionClass: extra:
+    {
+      description = describe (s: s);
+      inherit describe descriptionClass;
+    }
+    // extra;
+  fixed = text: _show: text;
   # lib.types.optionDescriptionPhrase
   phrase =
-    unparenthesize: t:
-    if unparenthesize (t.descriptionClass or null) then t.description else "(${t.description})";
+    unparenthesize: show: t:
+    if unparenthesize (t.descriptionClass or null) then t.describe show else "(${t.describe show})";
   nounOrConjunction = class: class == "noun" || class == "conjunction";
 in
 {
@@ -21,40 +31,43 @@ in
   };
 
   types = {
-    str = type "string" "noun" { };
-    bool = type "boolean" "noun" { };
-    port = type "16 bit unsigned integer; between 0 and 65535 (both inclusive)" "noun" { };
-    package = type "package" "noun" { };
-    path = type "absolute path" "noun" { };
-    externalPath = type "absolute path not in the Nix store" "noun" { };
+    str = type (fixed "string") "noun" { };
+    bool = type (fixed "boolean") "noun" { };
+    port = type (fixed "16 bit unsigned integer; between 0 and 65535 (both inclusive)") "noun" { };
+    package = type (fixed "package") "noun" { };
+    path = type (fixed "absolute path") "noun" { };
+    externalPath = type (fixed "absolute path not in the Nix store") "noun" { };
     numbers.nonnegative =
-      type "nonnegative integer or floating point number, meaning >=0" "nonRestrictiveClause"
+      type (fixed "nonnegative integer or floating point number, meaning >=0") "nonRestrictiveClause"
         { };
     nullOr =
       t:
-      type "null or ${phrase nounOrConjunction t}" "conjunction" (
+      type (show: "null or ${phrase nounOrConjunction show t}") "conjunction" (
         if t ? options then { inherit (t) options; } else { }
       );
     listOf =
-      t: type "list of ${phrase (class: class == "noun" || class == "composite") t}" "composite" { };
+      t: type (show: "list of ${phrase (class: class == "noun" || class == "composite") show t}") "composite" { };
     attrsOf =
-      t: type "attribute set of ${phrase (class: class == "noun" || class == "composite") t}" "composite" { };
+      t:
+      type (show: "attribute set of ${phrase (class: class == "noun" || class == "composite") show t}") "composite"
+        { };
     either =
       a: b:
       type (
+        show:
         if a.descriptionClass == "nonRestrictiveClause" then
-          "${a.description}, or ${phrase nounOrConjunction b}"
+          "${a.describe show}, or ${phrase nounOrConjunction show b}"
         else
-          "${phrase nounOrConjunction a} or ${
-            phrase (class: nounOrConjunction class || class == "composite") b
+          "${phrase nounOrConjunction show a} or ${
+            phrase (class: nounOrConjunction class || class == "composite") show b
           }"
       ) "conjunction" { };
     enum =
       values:
-      type "one of ${builtins.concatStringsSep ", " (map builtins.toJSON values)}" (
+      type (show: "one of ${builtins.concatStringsSep ", " (map (v: show (builtins.toJSON v)) values)}") (
         if builtins.length values < 2 then "noun" else "conjunction"
       ) { };
-    strMatching = pattern: type "string matching the pattern ${pattern}" "noun" { inherit pattern; };
-    submodule = module: type "submodule" null { inherit (module) options; };
+    strMatching = pattern: type (show: "string matching the pattern ${show pattern}") "noun" { inherit pattern; };
+    submodule = module: type (fixed "submodule") null { inherit (module) options; };
   };
 }
