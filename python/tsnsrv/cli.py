@@ -13,6 +13,7 @@ option has exactly one flag and one JSON key.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import typing
@@ -25,6 +26,11 @@ from . import __version__, config
 from .config import FIELDS, ConfigError, ServiceConfig
 
 EXIT_CONFIG = 2
+# `tsnsrv check` takes the service's own flags (build_parser) and only validates them.
+CHECK = "check"
+# The other subcommands: each module has main(argv) and build_parser(), and is imported
+# only when it runs.
+SUBCOMMANDS = {"status": "tsnsrv.status", "jwks": "tsnsrv.jwks"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,13 +130,9 @@ def fail_config(problems: list[str]) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["status"]:
-        from .status import main as status_main
-        sys.exit(status_main(argv[1:]))
-    if argv[:1] == ["jwks"]:
-        from .jwks import main as jwks_main
-        sys.exit(jwks_main(argv[1:]))
-    check_only = argv[:1] == ["check"]
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        sys.exit(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]))
+    check_only = argv[:1] == [CHECK]
     try:
         cfg = load_from_argv(argv[1:] if check_only else argv)
     except ConfigError as exc:

@@ -49,9 +49,13 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsnsrv jwks",
                                      description="Print the public keys (JWKS) of a service's identity assertions.")
     parser.add_argument("name", nargs="?", metavar="NAME", help="the service (default: the only one running)")
     parser.add_argument("--socket", type=Path, help="the service's control socket; default: find it by NAME")
-    return asyncio.run(_main(parser.parse_args(argv)))
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    return asyncio.run(_main(build_parser().parse_args(argv)))

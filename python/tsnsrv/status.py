@@ -97,13 +97,17 @@ def render(rows: list[tuple[str, ...]]) -> str:
                      for r in [COLUMNS, *rows])
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsnsrv status", description="Show the tsnsrv services on this machine.")
     parser.add_argument("names", nargs="*", metavar="NAME", help="only these services")
     parser.add_argument("--socket", action="append", type=Path, default=[],
                         help="a service's control socket (repeatable); default: find them all")
     parser.add_argument("--json", action="store_true", help="print the raw health documents")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     sockets = args.socket or control_sockets_on_this_machine()
     healths = asyncio.run(_gather(sockets))
     if args.names:
