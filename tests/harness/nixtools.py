@@ -76,6 +76,13 @@ def nix_string(path: Path) -> str:
     return json.dumps(str(path))
 
 
+# nixos/tailscale-trimmed.nix built from the stub package set's tailscale: what the flake's
+# tailscaleTrimmed is, evaluated without a build (a Nix expression; needs `lib` in scope).
+TRIMMED_TAILSCALE = (f"import {nix_string(NIXOS / 'tailscale-trimmed.nix')} {{ inherit lib; "
+                     f"tailscale = (import {nix_string(TESTS / 'stub-pkgs.nix')} "
+                     "{ inherit lib; tailscaleVersion = \"1.98.10\"; }).tailscale; }")
+
+
 def evaluate_module(configuration: str, tailscale_version: str = "1.98.1") -> dict[str, Any]:
     """tests/nix/eval-module.nix on a configuration (Nix source): the module evaluated
     with the real nixpkgs lib, its units, assertions and sidecars as JSON."""

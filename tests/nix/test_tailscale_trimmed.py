@@ -13,13 +13,10 @@ from typing import Any
 import pytest
 
 from harness.binaries import omit_tags
-from harness.nixtools import NIXOS, NIXPKGS_LIB, NO_LIB_REASON, REPO, TESTS, evaluate_module, nix_eval, nix_string
+from harness.nixtools import (NIXPKGS_LIB, NO_LIB_REASON, REPO, TRIMMED_TAILSCALE as TRIMMED, evaluate_module, nix_eval,
+                              nix_string)
 
 pytestmark = pytest.mark.skipif(NIXPKGS_LIB is None, reason=NO_LIB_REASON)
-
-TRIMMED = (f"import {nix_string(NIXOS / 'tailscale-trimmed.nix')} {{ inherit lib; "
-           f"tailscale = (import {nix_string(TESTS / 'stub-pkgs.nix')} {{ inherit lib; tailscaleVersion = \"1.98.10\"; }})"
-           ".tailscale; }")
 
 
 @pytest.fixture(scope="module")
