@@ -114,6 +114,28 @@ def pss_kib(pid: int) -> int:
     return smaps_kib(pid, "Pss")
 
 
+# The design card's floor for one service's Python process: the interpreter with the
+# card's libraries imported and nothing else (issue 16's idle memory target).
+BARE_IMPORT = "import aiohttp.web, attrs, cattrs, sys; print('ready', flush=True); sys.stdin.read()"
+
+
+def bare_import_pss_mib(count: int) -> float:
+    """Mean PSS of `count` idle Python processes that only import aiohttp.web, attrs and
+    cattrs: as many as the ten-services group has proxies, so shared pages split alike."""
+    processes = [subprocess.Popen([sys.executable, "-c", BARE_IMPORT], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, start_new_session=True) for _ in range(count)]
+    try:
+        for process in processes:
+            janitor.process_group(process.pid)
+            if process.stdout is None or process.stdout.readline().strip() != "ready":
+                raise RuntimeError("a bare import process did not start")
+        return sum(pss_kib(process.pid) for process in processes) / 1024 / count
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
 def comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -798,6 +820,8 @@ class Bench:
                         raise RuntimeError(f"not all {count} {kind} services came up")
                     time.sleep(2)  # settle: connections from the start-up probes close
                     idle = sum(pss_kib(pid) for member in group for pid in member.tree()) / 1024
+                    python_idle = sum(pss_kib(pid) for member in group for pid in member.tree()
+                                      if comm(pid) != "tailscaled") / 1024 / count
                     for member in group:
                         self.wrk(member, 8, self.profile["ten_load_seconds"])
                     loaded = sum(pss_kib(pid) for member in group for pid in member.tree()) / 1024
@@ -811,8 +835,16 @@ class Bench:
                 self.record(kind, "ten_start_all_s", all_serving)
                 self.record(kind, "ten_pss_idle_mib", idle)
                 self.record(kind, "ten_pss_after_load_mib", loaded)
+                if kind != "go-tsnsrv":
+                    self.record(kind, "ten_python_pss_idle_mib", python_idle)
                 print(f"    {kind:10} all serving after {all_serving:5.1f}s  PSS idle {idle:6.1f} MiB  "
                       f"after load {loaded:6.1f} MiB", flush=True)
+        with step(f"round {round_index + 1}: {count} bare Python processes importing aiohttp.web, attrs, cattrs"):
+            bare = bare_import_pss_mib(count)
+            for kind in ("tsnsrv", "tsnsrv-trimmed", "variant"):
+                if kind in self.kinds:
+                    self.record(kind, "ten_bare_import_pss_mib", bare)
+            print(f"    one bare import process: PSS {bare:5.1f} MiB (of {count} alike)", flush=True)
 
     def note_ready(self, candidate: Candidate, state: str) -> None:
         if isinstance(candidate, OurTsnsrv):
@@ -1060,6 +1092,8 @@ ROWS: list[tuple[str, str, str, int]] = [
     ("ten_start_all_s", "ten services: start until all ten serve (s)", "low", 1),
     ("ten_pss_idle_mib", "ten services: total PSS idle (MiB)", "low", 1),
     ("ten_pss_after_load_mib", "ten services: total PSS after a short load on each (MiB)", "low", 1),
+    ("ten_python_pss_idle_mib", "ten services: PSS of one service's Python process, idle (MiB)", "low", 1),
+    ("ten_bare_import_pss_mib", "the same for a bare `import aiohttp.web, attrs, cattrs` (MiB)", "low", 1),
 ]
 
 
@@ -1136,6 +1170,9 @@ def targets(summary: dict[str, dict[str, float]]) -> list[tuple[str, str, bool |
         ("ten services, total PSS after load ≤ 1.0 × go-tsnsrv", r("ten_pss_after_load_mib", go), lambda v: v <= 1.0),
         ("ten services, total PSS idle ≤ 2.0 × go-tsnsrv", r("ten_pss_idle_mib", go), lambda v: v <= 2.0),
         ("ten services, start until all serve ≤ 1.0 × go-tsnsrv", r("ten_start_all_s", go), lambda v: v <= 1.0),
+        ("ten services, one Python process idle within 4 MiB PSS of a bare import (difference, MiB)",
+         ours.get("ten_python_pss_idle_mib", float("nan")) - ours.get("ten_bare_import_pss_mib", float("nan")),
+         lambda v: v <= 4),
         ("ready with existing state ≤ 3 s (/health ready, median, s)",
          ours.get("ready_existing_s", float("nan")), lambda v: v <= 3),
     ]
