@@ -39,12 +39,47 @@ class KeepingReader(asyncio.StreamReader):
         self.feed_eof()
 
 
+class SourcePorts:
+    """The clients' source ports, taken in turn from below the kernel's ephemeral range.
+
+    A service node's netstack (gVisor, in tailscaled and in the Go tsnsrv's tsnet alike)
+    keeps a connection it closed in TIME-WAIT for 60 s and drops a SYN that reuses its
+    addresses and ports: gVisor hands a SYN only to a listening endpoint, and tailscaled
+    accepts through a forwarder. Linux picks ephemeral ports from an offset that moves
+    every 10 s, so now and then it picks one that the node still holds, and that connect
+    hangs whatever the proxy does. Ports taken in turn from a range of their own stay
+    unused for minutes (the soak opens far fewer than the range per minute), so a connect
+    without an answer says something about the candidate, not about port reuse."""
+
+    FIRST, LAST = 10000, 32767  # below Linux's default ephemeral range (32768-60999)
+
+    def __init__(self) -> None:
+        self.next = self.FIRST
+
+    def bind(self, sock: socket.socket) -> None:
+        for _ in range(self.LAST - self.FIRST + 1):
+            port, self.next = self.next, self.next + 1 if self.next < self.LAST else self.FIRST
+            try:
+                sock.bind(("", port))
+                return
+            except OSError:  # still in use by a connection of a previous turn: the next
+                continue
+        raise Failure("connect", "no free source port")
+
+
+SOURCE_PORTS = SourcePorts()
+
+
 async def tcp_connect(ip: str, port: int, timeout: float) -> socket.socket:
-    """A connected TCP socket, or Failure("connect-timeout"/"connect"): for clients whose
-    library makes the connection itself (websockets), so that a SYN without an answer is told
-    from a slow handshake on top."""
+    """A connected TCP socket from a port of SOURCE_PORTS, or Failure("connect-timeout" or
+    "connect"), so that a SYN without an answer is told from a slow handshake on top."""
     sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
+    try:
+        SOURCE_PORTS.bind(sock)
+    except Failure:
+        sock.close()
+        raise
     try:
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (ip, port)), timeout)
     except TimeoutError as exc:
@@ -111,13 +146,8 @@ class HttpConnection:
         loop = asyncio.get_running_loop()
         reader = KeepingReader(limit=READ_SIZE, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        try:
-            transport, _ = await asyncio.wait_for(loop.create_connection(lambda: protocol, target.ip, target.port),
-                                                  target.connect_timeout)
-        except TimeoutError as exc:
-            raise Failure("connect-timeout") from exc
-        except OSError as exc:
-            raise Failure("connect", exc.strerror or str(exc)) from exc
+        sock = await tcp_connect(target.ip, target.port, target.connect_timeout)
+        transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
         self.reader, self.writer = reader, asyncio.StreamWriter(transport, protocol, reader, loop)
         if target.ssl is not None:
             try:  # apart from the TCP connect, so that a hang says which it was
