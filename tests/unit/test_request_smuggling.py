@@ -13,6 +13,7 @@ what the front cannot read one way only it must refuse (400) and forward nothing
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 import attrs
@@ -173,3 +174,40 @@ async def test_a_body_that_looks_like_a_request_stays_a_body(upstream, framing):
     responses = await attack(port, post(headers, body, then=b""))
     assert [(request.target, request.body) for request in seen] == [("/upload", SMUGGLED), ("/last", b"")]
     assert responses == [(200, True), (200, True)]
+
+
+UPGRADE = b"GET /chat HTTP/1.1\r\nHost: books\r\nConnection: Upgrade\r\nUpgrade: %s\r\n" \
+          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+
+
+async def upgrade_then_request(upstream_port: int, protocol: bytes) -> list[tuple[int, bool]]:
+    """Ask for an upgrade, wait for its answer, then write a request into what the client
+    hopes is now a tunnel to the upstream; the answers as (status, from the upstream)."""
+    cfg = load({"name": "books", "toURL": f"http://127.0.0.1:{upstream_port}", "denyPrefixes": ["/admin"],
+                "upstreamRetryWindow": 0})
+    proxy = Proxy(cfg, None, Metrics())
+    try:
+        async with served(proxy.handle, PEER) as front:
+            reader, writer = await asyncio.open_connection("127.0.0.1", front)
+            writer.write(UPGRADE % protocol)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+            first = head + await asyncio.wait_for(reader.readexactly(length), 5)
+            writer.write(SMUGGLED + LAST)
+            rest = await asyncio.wait_for(reader.read(), 5)  # LAST closes the connection
+            writer.close()
+    finally:
+        await proxy.close()
+    return answers(first + rest)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", [b"websocket", b"h2c"])
+async def test_an_upgrade_the_upstream_declines_opens_no_tunnel(upstream, protocol):
+    """Upgrade smuggling: the upstream answers the upgrade with a plain 200, and the client
+    then sends a request on what it hopes is a tunnel to the upstream. It is no tunnel: the
+    request is read as HTTP and judged by tsnsrv (404), as the Go tsnsrv does."""
+    port, seen = upstream
+    responses = await upgrade_then_request(port, protocol)
+    assert [request.target for request in seen] == ["/chat", "/last"], seen
+    assert responses == [(200, True), (404, False), (200, True)]
