@@ -53,13 +53,38 @@ let
       // args
     );
 
+  # Options of the Go tsnsrv's module that this one does not have. A configuration carried
+  # over from it is refused with what to write instead, not with "does not exist".
+  goTsnsrvOnly = {
+    listenAddr = ''use listenPort, a port number (listenAddr = ":8443" becomes listenPort = 8443)'';
+    tsnetVerbose = "use tailscaledVerbose: each service runs a tailscaled of its own, which takes the place of tsnet";
+    suppressTailnetDialer = "remove it: tsnsrv has no tailnet dialer and always reaches upstreams from the host";
+  };
+  goTsnsrvOnlyOptions = lib.mapAttrs (
+    option: _:
+    mkOption {
+      visible = false;
+      type = types.nullOr types.anything;
+      default = null;
+      description = "The Go tsnsrv's `${option}`, refused with what to use instead.";
+    }
+  ) goTsnsrvOnly;
+  goTsnsrvOnlyAssertions =
+    where: service:
+    mapAttrsToList (option: instead: {
+      assertion = service.${option} == null;
+      message = "${where}.${option} is an option of the Go tsnsrv's module, not of this one: ${instead}.";
+    }) goTsnsrvOnly;
+
   serviceModule =
     { name, ... }:
     {
-      options = serviceOptions {
-        inherit (cfg) defaults;
-        unit = name;
-      };
+      options =
+        serviceOptions {
+          inherit (cfg) defaults;
+          unit = name;
+        }
+        // goTsnsrvOnlyOptions;
     };
 
   unitOf = unit: "tsnsrv-${unit}";
@@ -290,7 +315,8 @@ let
       certFile = if service.acmeHost != null then "acme" else service.certificateFile;
       certKey = if service.acmeHost != null then "acme" else service.certificateKey;
     in
-    [
+    goTsnsrvOnlyAssertions where service
+    ++ [
       {
         assertion = service.toURL != null || service.urlParts != null;
         message = ''${where}: set toURL (e.g. "http://127.0.0.1:8083") or urlParts.port (with urlParts.host and urlParts.protocol, which default to 127.0.0.1 and http), so tsnsrv knows where to proxy to.'';
@@ -354,7 +380,7 @@ in
     enable = mkEnableOption "tsnsrv, which puts local web services on a Tailscale tailnet, each as its own machine";
 
     defaults = mkOption {
-      type = types.submodule { options = serviceOptions { defaults = null; }; };
+      type = types.submodule { options = serviceOptions { defaults = null; } // goTsnsrvOnlyOptions; };
       default = { };
       example = literalExpression ''
         {
@@ -388,6 +414,7 @@ in
   config = mkIf cfg.enable {
     assertions =
       concatLists (mapAttrsToList assertionsFor cfg.services)
+      ++ goTsnsrvOnlyAssertions "services.tsnsrv.defaults" cfg.defaults
       ++ [
         {
           assertion = unitClashes == [ ];

@@ -232,12 +232,11 @@ let
 
   inherit (eval) config;
   render = import ../../nixos/render.nix;
-  serviceOptions = builtins.removeAttrs (eval.options.services.tsnsrv.services.type.getSubOptions [ ]) [
-    "_module"
-  ];
-  defaultsOptions = builtins.removeAttrs (eval.options.services.tsnsrv.defaults.type.getSubOptions [ ]) [
-    "_module"
-  ];
+  # The documented options: not the hidden ones that refuse the Go tsnsrv's options.
+  documented =
+    options: lib.filterAttrs (name: option: name != "_module" && (option.visible or true) != false) options;
+  serviceOptions = documented (eval.options.services.tsnsrv.services.type.getSubOptions [ ]);
+  defaultsOptions = documented (eval.options.services.tsnsrv.defaults.type.getSubOptions [ ]);
 
   # JSON-safe view of an option: what the docs table and the contract need.
   describe = option: {

@@ -196,6 +196,14 @@ ASSERTION_CASES = {
         'tailscale-1.98.10"; omittedFeatures = [ "logtail" ]; }; }; }', "built without log upload"),
     "long attribute name": ('{ a-very-long-service-attribute-name = { toURL = "http://x:1"; }; }',
                             "1-24 lowercase letters"),
+    # A migrating user's configuration, written for the Go tsnsrv's module.
+    "the Go tsnsrv's listenAddr": ('{ a = { toURL = "http://x:1"; listenAddr = ":8443"; }; }',
+                                   "services.tsnsrv.services.a.listenAddr is an option of the Go tsnsrv's module, "
+                                   "not of this one: use listenPort"),
+    "the Go tsnsrv's tsnetVerbose": ('{ a = { toURL = "http://x:1"; tsnetVerbose = true; }; }',
+                                     "use tailscaledVerbose"),
+    "the Go tsnsrv's suppressTailnetDialer": ('{ a = { toURL = "http://x:1"; suppressTailnetDialer = true; }; }',
+                                              "has no tailnet dialer"),
     # Both would make tsnsrv-web-tailscaled.service, and one proxy unit would silently vanish.
     "unit name clash": ('{ web = { toURL = "http://x:1"; }; web-tailscaled = { toURL = "http://x:2"; '
                         'name = "other"; }; }', "tsnsrv-web-tailscaled.service"),
@@ -207,6 +215,14 @@ def test_assertions(case: str) -> None:
     services, message = ASSERTION_CASES[case]
     result = evaluate_module(f"{{ services.tsnsrv = {{ enable = true; services = {services}; }}; }}")
     assert any(message in failed for failed in result["failedAssertions"]), result["failedAssertions"]
+
+
+def test_the_go_tsnsrvs_options_are_refused_in_the_defaults_too() -> None:
+    result = evaluate_module('{ services.tsnsrv = { enable = true; defaults.tsnetVerbose = true; '
+                             'services.a.toURL = "http://x:1"; }; }')
+    assert result["failedAssertions"] == [
+        "services.tsnsrv.defaults.tsnetVerbose is an option of the Go tsnsrv's module, not of this one: use "
+        "tailscaledVerbose: each service runs a tailscaled of its own, which takes the place of tsnet."]
 
 
 def test_a_valid_service_fails_no_assertion() -> None:
