@@ -327,7 +327,7 @@ class Proxy:
             return WholeResponse(status=status, reason=reason, headers=headers)
         if length is not None and length <= WHOLE_BODY_LIMIT:
             try:
-                body = await upstream.read()
+                body = await self._read_whole(upstream, deadline)
             except (aiohttp.ClientError, ConnectionError) as exc:
                 return self._upstream_failed(exchange, exc, deadline)
             upstream.release()
@@ -364,6 +364,18 @@ class Proxy:
         except ConnectionError:
             exchange.status = 499  # the client went away
         return response
+
+    async def _read_whole(self, upstream: aiohttp.ClientResponse, deadline: asyncio.Timeout) -> bytes:
+        """A small body of known length, read whole before its head goes out. The idle
+        timeout counts from its latest bytes, as for a streamed body: a small body may
+        still take long to arrive (events, a slow upstream) while it keeps coming."""
+        if not self._timeouts[1]:
+            return await upstream.read()
+        parts = []
+        while chunk := await upstream.content.readany():
+            parts.append(chunk)
+            deadline.reschedule(self._deadline(waiting_for_head=False))
+        return b"".join(parts)
 
     async def _relay_websocket(self, exchange: Exchange, upstream: aiohttp.ClientResponse) -> StreamResponse:
         request = exchange.request
