@@ -1,13 +1,16 @@
 """results.md (the per-fault table, ours and Go's side by side, and the invariants),
-results.json (everything measured) and one plot per candidate, written to --out."""
+results.json (everything measured) and one plot per candidate, written to --out; or
+the same from the results.json of runs made apart (`combine`), one hour at a time."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .analysis import json_lines, verdicts
@@ -86,13 +89,17 @@ def invariant_table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def markdown(args: Any, profile: Profile, schedule: list[PlannedFault], runs: list[dict[str, Any]],
-             results: list[dict[str, Any]], started: float) -> str:
+def markdown(args: Any, profile: Profile, schedule: list[PlannedFault], results: list[dict[str, Any]],
+             started: dict[str, str]) -> str:
+    """`started`: when each candidate's run began (ISO 8601), by label."""
     mode = "short" if args.short else f"long, {args.duration:g} s planned"
+    when = set(started.values())
     lines = [
         f"# Soak under faults ({mode})",
         "",
-        f"Run {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(started))}, seed {args.seed}, "
+        (f"Run {when.pop()}" if len(when) == 1 else
+         "Runs made apart: " + ", ".join(f"{label} {at}" for label, at in started.items()))
+        + f", seed {args.seed}, "
         f"{len(schedule)} faults per candidate, transfers up to {profile.max_transfer / 1e6:g} MB; "
         + ", ".join(f"{r['label']} {r['duration_s'] / 60:.1f} min" for r in results) + ". "
         f"Ours ran with {' '.join(args.ours_flags)}, spawning {args.tailscale_bin_dir / 'tailscaled'}. "
@@ -246,15 +253,58 @@ def write(args: Any, profile: Profile, schedule: list[PlannedFault], runs: list[
           results: list[dict[str, Any]], started: float) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
     document = {"seed": args.seed, "mode": "short" if args.short else "long", "duration_planned_s": args.duration,
                 "ours_flags": args.ours_flags, "ours_tailscaled": str(args.tailscale_bin_dir / "tailscaled"),
                 "restart_sec": args.restart_sec, "profile": profile.__dict__,
-                "schedule": [f.__dict__ for f in schedule], "runs": [],
-                "results": [{**result, "verdicts": verdicts(result)} for result in results]}
+                "schedule": [f.__dict__ for f in schedule], "started": {run["label"]: at for run in runs},
+                "runs": [], "results": [{**result, "verdicts": verdicts(result)} for result in results]}
     for run in runs:
         per_second = series(run)
         plot(run, per_second, out / f"plot-{run['label']}.png")
         document["runs"].append({key: value for key, value in run.items()
                                  if key not in ("client_events", "upstream_events")} | {"per_second": per_second})
+    _write_documents(out, document)
+
+
+# What must be the same in runs made apart for their tables to stand side by side.
+SAME_IN_EVERY_RUN = ("seed", "mode", "duration_planned_s", "restart_sec", "profile", "schedule")
+
+
+def combine(folders: list[Path], out: Path) -> None:
+    """One results.md and results.json of the runs in `folders` (their results.json and
+    plots), made apart on the same seed and schedule: an hour per candidate at a time."""
+    documents = [json.loads((folder / "results.json").read_text()) for folder in folders]
+    first = documents[0]
+    for folder, document in zip(folders[1:], documents[1:]):
+        differ = [key for key in SAME_IN_EVERY_RUN if document.get(key) != first.get(key)]
+        if differ:
+            raise SystemExit(f"--combine: {folder} differs from {folders[0]} in {', '.join(differ)}: "
+                             "only runs of the same seed, mode and duration stand side by side")
+    labels = [run["label"] for document in documents for run in document["runs"]]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"--combine: a candidate appears twice ({', '.join(labels)})")
+    ours = next((d for d in documents if any(r["label"] == "tsnsrv" for r in d["runs"])), first)
+    combined = {**first, "ours_flags": ours["ours_flags"], "ours_tailscaled": ours["ours_tailscaled"],
+                "started": {}, "runs": [], "results": []}
+    out.mkdir(parents=True, exist_ok=True)
+    for folder, document in zip(folders, documents):
+        combined["started"] |= document.get("started") or {r["label"]: "?" for r in document["runs"]}
+        combined["runs"] += document["runs"]
+        combined["results"] += document["results"]
+        for run in document["runs"]:
+            plot_file = folder / f"plot-{run['label']}.png"
+            if plot_file.resolve() != (out / plot_file.name).resolve():
+                shutil.copyfile(plot_file, out / plot_file.name)
+    _write_documents(out, combined)
+
+
+def _write_documents(out: Path, document: dict[str, Any]) -> None:
+    args = SimpleNamespace(short=document["mode"] == "short", duration=document["duration_planned_s"],
+                           seed=document["seed"], ours_flags=document["ours_flags"],
+                           tailscale_bin_dir=Path(document["ours_tailscaled"]).parent,
+                           restart_sec=document["restart_sec"])
+    schedule = [PlannedFault(**fault) for fault in document["schedule"]]
     (out / "results.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
-    (out / "results.md").write_text(markdown(args, profile, schedule, runs, results, started))
+    (out / "results.md").write_text(markdown(args, Profile(**document["profile"]), schedule,
+                                             document["results"], document["started"]))

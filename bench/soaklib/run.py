@@ -244,6 +244,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default bench/results/soak, or bench/results/soak/short)")
     parser.add_argument("--keep-work", action="store_true", help="keep the work directory (logs, events)")
+    parser.add_argument("--combine", action="append", type=Path, metavar="FOLDER",
+                        help="run nothing: write one side-by-side report to --out from the results of runs made "
+                             "apart (their results.json and plots), on the same seed and duration; repeatable")
     args = parser.parse_args()
     names = (args.candidates or ("tsnsrv" if args.short else ",".join(CANDIDATES))).split(",")
     unknown = [name for name in names if name not in CANDIDATES]
@@ -262,6 +265,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.combine:
+        report.combine(args.combine, args.out)
+        print((args.out / "results.md").read_text())
+        return 0
     if os.geteuid() != 0:
         print("soak: needs root (a network namespace and a kernel-TUN client device)", file=sys.stderr)
         return 1

@@ -1,8 +1,11 @@
 """The soak's own judgement, on made-up records: the body check, the schedule, fault
-attribution, the metric comparison and the resource rule. (The run itself is test_soak.py.)"""
+attribution, the metric comparison and the resource rule; and its report of runs made
+apart. (The run itself is test_soak.py.)"""
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from soaklib import analysis, bodies  # noqa: E402
+from soaklib import analysis, bodies, report  # noqa: E402
 from soaklib.faults import FAULT_KINDS, PROFILES, plan  # noqa: E402
 
 
@@ -104,3 +107,39 @@ def test_a_descriptor_or_task_more_than_the_baseline_is_a_leak() -> None:
     unread = [checkpoint("warm-up", tasks=None), checkpoint("reload", tasks=None)]
     assert not analysis.resources(unread, 0.5, counts_tasks=True)["held"], "no task count is no proof"
     assert analysis.resources(unread, 0.5, counts_tasks=False)["held"]
+
+
+PUBLISHED = Path(__file__).resolve().parents[2] / "bench" / "results" / "soak"
+
+
+def run_folder(folder: Path, label: str, **changes: Any) -> Path:
+    """A copy of the published run's results, as if `label` had made it."""
+    document = json.loads((PUBLISHED / "results.json").read_text())
+    published_label = document["runs"][0]["label"]
+    for part in (*document["runs"], *document["results"]):
+        part["label"] = label
+    document["started"] = {label: "2026-12-07T05:00:00Z"}
+    document.update(changes)
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(document))
+    shutil.copyfile(PUBLISHED / f"plot-{published_label}.png", folder / f"plot-{label}.png")
+    return folder
+
+
+def test_runs_made_apart_stand_side_by_side_only_on_the_same_schedule(tmp_path: Path) -> None:
+    ours, go = run_folder(tmp_path / "ours", "tsnsrv"), run_folder(tmp_path / "go", "go-tsnsrv")
+    report.combine([ours, go], tmp_path / "both")
+
+    text = (tmp_path / "both" / "results.md").read_text()
+    assert "| tsnsrv: failed requests / sessions |" in text and "| go-tsnsrv: failed requests / sessions |" in text
+    assert "## tsnsrv" in text and "## go-tsnsrv" in text
+    assert {p.name for p in (tmp_path / "both").glob("plot-*.png")} == {"plot-tsnsrv.png", "plot-go-tsnsrv.png"}
+    combined = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert [run["label"] for run in combined["runs"]] == ["tsnsrv", "go-tsnsrv"]
+
+    other_seed = run_folder(tmp_path / "other", "go-tsnsrv", seed=2)
+    with pytest.raises(SystemExit, match="differs .* in seed"):
+        report.combine([ours, other_seed], tmp_path / "never")
+    with pytest.raises(SystemExit, match="appears twice"):
+        report.combine([ours, ours], tmp_path / "never")
+    assert not (tmp_path / "never").exists()
