@@ -53,28 +53,7 @@ let
       // args
     );
 
-  # Options of the Go tsnsrv's module that this one does not have. A configuration carried
-  # over from it is refused with what to write instead, not with "does not exist".
-  goTsnsrvOnly = {
-    listenAddr = ''use listenPort, a port number (listenAddr = ":8443" becomes listenPort = 8443)'';
-    tsnetVerbose = "use tailscaledVerbose: each service runs a tailscaled of its own, which takes the place of tsnet";
-    suppressTailnetDialer = "remove it: tsnsrv has no tailnet dialer and always reaches upstreams from the host";
-  };
-  goTsnsrvOnlyOptions = lib.mapAttrs (
-    option: _:
-    mkOption {
-      visible = false;
-      type = types.nullOr types.anything;
-      default = null;
-      description = "The Go tsnsrv's `${option}`, refused with what to use instead.";
-    }
-  ) goTsnsrvOnly;
-  goTsnsrvOnlyAssertions =
-    where: service:
-    mapAttrsToList (option: instead: {
-      assertion = service.${option} == null;
-      message = "${where}.${option} is an option of the Go tsnsrv's module, not of this one: ${instead}.";
-    }) goTsnsrvOnly;
+  goTsnsrvOnly = import ./go-tsnsrv-only.nix { inherit lib; };
 
   serviceModule =
     { name, ... }:
@@ -84,7 +63,7 @@ let
           inherit (cfg) defaults;
           unit = name;
         }
-        // goTsnsrvOnlyOptions;
+        // goTsnsrvOnly.options;
     };
 
   unitOf = unit: "tsnsrv-${unit}";
@@ -315,7 +294,7 @@ let
       certFile = if service.acmeHost != null then "acme" else service.certificateFile;
       certKey = if service.acmeHost != null then "acme" else service.certificateKey;
     in
-    goTsnsrvOnlyAssertions where service
+    goTsnsrvOnly.assertions where service
     ++ [
       {
         assertion = service.toURL != null || service.urlParts != null;
@@ -380,7 +359,7 @@ in
     enable = mkEnableOption "tsnsrv, which puts local web services on a Tailscale tailnet, each as its own machine";
 
     defaults = mkOption {
-      type = types.submodule { options = serviceOptions { defaults = null; } // goTsnsrvOnlyOptions; };
+      type = types.submodule { options = serviceOptions { defaults = null; } // goTsnsrvOnly.options; };
       default = { };
       example = literalExpression ''
         {
@@ -414,7 +393,7 @@ in
   config = mkIf cfg.enable {
     assertions =
       concatLists (mapAttrsToList assertionsFor cfg.services)
-      ++ goTsnsrvOnlyAssertions "services.tsnsrv.defaults" cfg.defaults
+      ++ goTsnsrvOnly.assertions "services.tsnsrv.defaults" cfg.defaults
       ++ [
         {
           assertion = unitClashes == [ ];

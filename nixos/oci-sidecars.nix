@@ -19,6 +19,7 @@ let
   defaults = config.services.tsnsrv.defaults;
   backend = config.virtualisation.oci-containers.backend;
   render = import ./render.nix;
+  goTsnsrvOnly = import ./go-tsnsrv-only.nix { inherit lib; };
 
   inherit (lib)
     literalExpression
@@ -73,12 +74,14 @@ let
         };
         service = mkOption {
           type = types.submodule {
-            options = import ./options.nix {
-              inherit lib defaults;
-              unit = name;
-              defaultPackage = pkgs.callPackage ./package.nix { };
-              defaultTailscale = pkgs.tailscale;
-            };
+            options =
+              import ./options.nix {
+                inherit lib defaults;
+                unit = name;
+                defaultPackage = pkgs.callPackage ./package.nix { };
+                defaultTailscale = pkgs.tailscale;
+              }
+              // goTsnsrvOnly.options;
           };
           default = { };
           example = literalExpression ''{ toURL = "http://127.0.0.1:8083"; }'';
@@ -93,7 +96,8 @@ let
     let
       where = "virtualisation.oci-sidecars.tsnsrv.containers.${name}";
     in
-    [
+    goTsnsrvOnly.assertions "${where}.service" sidecar.service
+    ++ [
       {
         assertion = config.virtualisation.oci-containers.containers ? ${sidecar.forContainer};
         message = ''${where}: forContainer = "${sidecar.forContainer}" is not a container of virtualisation.oci-containers.containers.'';

@@ -408,6 +408,14 @@ def test_a_sidecars_unit_hands_over_the_key_and_the_app_keeps_it_up(sidecars: di
     assert sidecars["units"]["podman-calibre-web"]["unitConfig"]["Upholds"] == ["podman-books-tailnet.service"]
 
 
+def test_a_sidecar_refuses_the_go_tsnsrvs_options_as_services_do() -> None:
+    result = evaluate_module(SIDECARS.replace("funnel = true;", 'funnel = true; listenAddr = ":8443";'))
+    assert result["failedAssertions"] == [
+        "virtualisation.oci-sidecars.tsnsrv.containers.books-tailnet.service.listenAddr is an option of the Go "
+        'tsnsrv\'s module, not of this one: use listenPort, a port number (listenAddr = ":8443" becomes '
+        "listenPort = 8443)."]
+
+
 def test_a_sidecar_for_a_missing_container_is_refused() -> None:
     result = evaluate_module(SIDECARS.replace('forContainer = "calibre-web"', 'forContainer = "calibre"'))
     assert any('forContainer = "calibre" is not a container' in m for m in result["failedAssertions"])
