@@ -12,7 +12,9 @@ what that adds per request (redirects, cookies, proxies, auth, tracing, a timer,
 merging) is nothing a relay uses, and measured a quarter of the whole proxy's CPU per
 small request (bench/README.md, "The aiohttp core"). What it does that a relay needs is
 kept: a keep-alive connection that turns out dead is tried once more on a new one for an
-idempotent request whose body was not yet read.
+idempotent request whose body was not yet read. One piece is beyond aiohttp's documented
+API, the connection protocol's `set_response_params` (aiohttp is pinned in
+python/pyproject.toml; every test through the proxy fails if a new version moves it).
 """
 
 from __future__ import annotations
