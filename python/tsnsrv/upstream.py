@@ -9,7 +9,7 @@ any request may wait for it, whatever its method, with its body still unread.
 Relayed requests go out through the session's public parts (`ClientRequest`, the
 connector's `connect`, `ClientResponse.start`), not through `ClientSession.request`:
 what that adds per request (redirects, cookies, proxies, auth, tracing, a timer, header
-merging) is nothing a relay uses, and measured a quarter of the whole proxy's CPU per
+merging) is nothing a relay uses, and cost a tenth of the proxy's CPU instructions per
 small request (bench/README.md, "The aiohttp core"). What it does that a relay needs is
 kept: a keep-alive connection that turns out dead is tried once more on a new one for an
 idempotent request whose body was not yet read. One piece is beyond aiohttp's documented
@@ -215,13 +215,13 @@ class Upstream:
             try:
                 response = await self._send(request)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                payload = request.body
-                if may_retry and not isinstance(exc, aiohttp.ClientConnectorError) and not (
-                        payload and payload.consumed):
-                    # A pooled connection was dead: once more on a new one, with the body still unread.
-                    await request.close()
-                    may_retry, body = False, payload or None
-                    continue
+                if may_retry and not isinstance(exc, aiohttp.ClientConnectorError):
+                    await request.close()  # its body's writer has settled
+                    payload = request.body
+                    if not (payload and payload.consumed):
+                        # A pooled connection was dead: once more on a new one, with the body still unread.
+                        may_retry, body = False, payload or None
+                        continue
                 await _close_body(request)
                 raise
             except BaseException as exc:
