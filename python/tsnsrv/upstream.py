@@ -5,6 +5,16 @@ bodies are neither decompressed nor given headers the client did not send; the r
 target goes out exactly as it was checked. A connection the upstream refuses (it is
 restarting) is tried again for up to `upstreamRetryWindow`: nothing was sent yet, so
 any request may wait for it, whatever its method, with its body still unread.
+
+Relayed requests go out through the session's public parts (`ClientRequest`, the
+connector's `connect`, `ClientResponse.start`), not through `ClientSession.request`:
+what that adds per request (redirects, cookies, proxies, auth, tracing, a timer, header
+merging) is nothing a relay uses, and cost a tenth of the proxy's CPU instructions per
+small request (bench/README.md, "The aiohttp core"). What it does that a relay needs is
+kept: a keep-alive connection that turns out dead is tried once more on a new one for an
+idempotent request whose body was not yet read. One piece is beyond aiohttp's documented
+API, the connection protocol's `set_response_params` (aiohttp is pinned in
+python/pyproject.toml; every test through the proxy fails if a new version moves it).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.helpers import TimerNoop
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -34,6 +45,9 @@ READ_BUFFER = 1 << 18  # response body aiohttp holds before it stops reading the
 # An upstream that is restarting refuses connections (or its unix socket is missing).
 RESTARTING = frozenset({errno.ECONNREFUSED, errno.ENOENT})
 RETRY_FIRST_DELAY, RETRY_MAX_DELAY = 0.05, 1.0
+# Requests that may go out again when their pooled connection was dead (RFC 9112 9.3.1).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_NO_TIMER = TimerNoop()  # the proxy's own deadlines time the exchange
 # Set where a refusal must be reported at once (the health probe), not waited out.
 _waits_for_restarts = contextvars.ContextVar("waits_for_restarts", default=True)
 
@@ -137,6 +151,11 @@ def _connector_class(base: type[aiohttp.BaseConnector], metrics: Metrics, retry_
     return Connector
 
 
+async def _close_body(request: aiohttp.ClientRequest) -> None:
+    if payload := request.body:
+        await payload.close()
+
+
 class Upstream:
     def __init__(self, cfg: ServiceConfig, metrics: Metrics):
         self.cfg = cfg
@@ -185,10 +204,57 @@ class Upstream:
         """The upstream URL of an origin-form target, which goes out byte for byte."""
         return URL(self._origin + target, encoded=True)
 
-    def request(self, method: str, url: URL, headers: Any, body: Any) -> Any:
-        """Send a request; awaiting it gives the response once its head is in."""
-        return self.session.request(method, url, headers=headers, data=body, allow_redirects=False,
-                                    chunked=None, compress=None, expect100=False)
+    async def request(self, method: str, url: URL, headers: list[tuple[str, str]],
+                      body: Any) -> aiohttp.ClientResponse:
+        """Send a request; the response, once its head is in."""
+        session, loop = self.session, asyncio.get_running_loop()
+        may_retry = method in IDEMPOTENT_METHODS
+        while True:
+            request = _RelayedRequest(method, url, headers=headers, data=body, loop=loop,
+                                      response_class=RelayedResponse, session=session, timer=_NO_TIMER)
+            try:
+                response = await self._send(request)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if may_retry and not isinstance(exc, aiohttp.ClientConnectorError):
+                    await request.close()  # its body's writer has settled
+                    payload = request.body
+                    if not (payload and payload.consumed):
+                        # A pooled connection was dead: once more on a new one, with the body still unread.
+                        may_retry, body = False, payload or None
+                        continue
+                await _close_body(request)
+                raise
+            except BaseException as exc:
+                await _close_body(request)
+                if isinstance(exc, OSError) and not isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)):
+                    raise aiohttp.ClientOSError(*exc.args) from exc
+                raise
+            await _close_body(request)
+            return response
+
+    async def _send(self, request: aiohttp.ClientRequest) -> aiohttp.ClientResponse:
+        """What `ClientSession.request` does for one attempt, less what a relay does not use."""
+        connector, timeout = self.session.connector, self.session.timeout
+        assert connector is not None
+        try:
+            connection = await connector.connect(request, [], timeout)
+        except asyncio.TimeoutError as exc:
+            raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {request.url}") from exc
+        connection.protocol.set_response_params(  # type: ignore[union-attr]
+            timer=_NO_TIMER, skip_payload=request.method == "HEAD", read_until_eof=True, auto_decompress=False,
+            read_bufsize=READ_BUFFER, max_line_size=MAX_RESPONSE_HEAD, max_field_size=MAX_RESPONSE_HEAD,
+            max_headers=MAX_RESPONSE_HEAD // 4)
+        try:
+            response = await request.send(connection)
+            try:
+                await response.start(connection)
+            except BaseException:
+                response.close()
+                raise
+        except BaseException:
+            connection.close()
+            raise
+        return response
 
     async def probe(self) -> dict[str, Any]:
         """Does the upstream answer a HEAD of its base path (on a connection of its own)?"""

@@ -189,3 +189,57 @@ async def test_a_stream_that_stalls_after_its_head_is_cut_off(upstream):
     answers.append(scripted(b"200 OK\r\nTransfer-Encoding: chunked", b"5\r\nfirst\r\n") + STALL)
     head, _, body = (await through_proxy(port, upstreamIdleTimeout=0.5)).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and dechunk(body) == (b"first", False)
+
+
+@pytest_asyncio.fixture
+async def drops_idle_connections() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A loopback upstream that answers one request per connection and keeps it open, then
+    closes it without an answer when the next request arrives on it: a keep-alive
+    connection that went dead in the pool just as the proxy reused it."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answered = False
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            heads.append(head)
+            if answered:
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            answered = True
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], heads
+    server.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("second, resent", [
+    (b"GET /b HTTP/1.1\r\nHost: books\r\nConnection: close\r\n\r\n", True),
+    (b"DELETE /b HTTP/1.1\r\nHost: books\r\nConnection: close\r\n\r\n", True),
+    # Idempotent, but its body went out as it came and is kept nowhere: it cannot go again.
+    (b"PUT /b HTTP/1.1\r\nHost: books\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc", False),
+    # It may have been acted on: never sent twice.
+    (b"POST /b HTTP/1.1\r\nHost: books\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc", False),
+], ids=["GET", "DELETE", "PUT with a body", "POST"])
+async def test_a_dead_pooled_connection_costs_only_a_request_that_cannot_go_again(drops_idle_connections, second,
+                                                                                  resent):
+    port, heads = drops_idle_connections
+    cfg = load({"name": "books", "toURL": f"http://127.0.0.1:{port}", "upstreamRetryWindow": 0})
+    proxy = Proxy(cfg, None, Metrics())
+    try:
+        async with served(proxy.handle, PEER) as front:
+            first = await raw_exchange(front, b"GET /a HTTP/1.1\r\nHost: books\r\nConnection: close\r\n\r\n")
+            answer = await raw_exchange(front, second)
+    finally:
+        await proxy.close()
+    assert first.startswith(b"HTTP/1.1 200 ")
+    method = second.split(b" ")[0]
+    if resent:  # once more, on a new connection
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok")
+        assert [head.split(b" ")[0] for head in heads] == [b"GET", method, method]
+    else:  # the client hears of it
+        assert answer.startswith(b"HTTP/1.1 502 ") and b"dropped the connection" in answer
+        assert [head.split(b" ")[0] for head in heads] == [b"GET", method]
