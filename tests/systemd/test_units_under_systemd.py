@@ -2,7 +2,9 @@
 in a QEMU guest: systemd accepts them, the NixOS VM test's own scenarios pass on them
 (nixos/tests/scenarios.nix, the same script `nix flake check` runs), an ACME renewal
 reaches the proxy as a reload, and an HTTPS service's tailscaled gets the node's own
-certificate from a CA on this machine. The tests share one boot and run in this order."""
+certificate from a CA on this machine. The tests share one boot and run in this order;
+each of the last two also runs alone (`-k`), on a tailnet `joined` as the scenarios
+would have left it."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import trustme
 
 from conftest import ACME_HOST, TLS_SERVICE, scenario_namespace
 from harness import tlsclient
+from harness.nixos_system import REPO
 
 # On the stock and the trimmed tailscale alike (scripts/test runs `-m node` on each).
 pytestmark = pytest.mark.node
@@ -43,6 +46,24 @@ def test_the_vm_test_scenarios_pass_on_the_units_under_systemd(tier):
     assert len(done) == tier.script.count("with subtest(")
 
 
+AUTH_KEY = "/run/keys/tsnsrv-authkey"  # the services' key file (nixos/tests/scenarios.nix)
+
+
+@pytest.fixture
+def joined(tier):
+    """The tailnet as the VM test's script sets it up before its scenarios: alice's laptop
+    logged in, and the services' auth key where their units look for it. The script does
+    that when it runs first; for a test run on its own it is done here."""
+    server, client = tier.machines["server"], tier.machines["client"]
+    if server.execute(f"test -s {AUTH_KEY}")[0] == 0:
+        return
+    helpers = scenario_namespace(tier)
+    exec(compile((REPO / "nixos/tests/helpers.py").read_text(), "nixos/tests/helpers.py", "exec"), helpers)
+    keys = {user: helpers["preauth_key"](user) for user in ("alice", "services")}
+    client.succeed(f"tailscale up --login-server={tier.headscale.url} --auth-key={keys['alice']}")
+    server.succeed(f"mkdir -p /run/keys && echo '{keys['services']}' > {AUTH_KEY} && chmod 0400 {AUTH_KEY}")
+
+
 def wait_until_reachable(client, ip: str) -> None:
     """The node answers the client's disco ping, through the tailnet's DERP if there is no
     direct path yet. The guest sits behind QEMU's user-mode NAT, and once the direct path
@@ -57,7 +78,7 @@ def served_serial(client, ca_path, ip: str) -> str:
     return out.strip().removeprefix("serial=")
 
 
-def test_an_acme_renewal_reaches_the_proxy_as_a_reload(tier, tmp_path):
+def test_an_acme_renewal_reaches_the_proxy_as_a_reload(tier, joined, tmp_path):
     server, client = tier.machines["server"], tier.machines["client"]
     ca = trustme.CA()
     ca_path = tmp_path / "ca.pem"
@@ -95,7 +116,7 @@ def test_an_acme_renewal_reaches_the_proxy_as_a_reload(tier, tmp_path):
     assert re.search(r"SIGHUP: certificate valid until", server.succeed("journalctl -u tsnsrv-certs.service -o cat"))
 
 
-def test_an_https_service_gets_the_nodes_certificate_from_the_ca(tier, tmp_path):
+def test_an_https_service_gets_the_nodes_certificate_from_the_ca(tier, joined, tmp_path):
     server, client, pebble = tier.machines["server"], tier.machines["client"], tier.pebble
     ca_file = f"/run/tsnsrv-{TLS_SERVICE}-ca.pem"
     drop_in = f"/etc/systemd/system/tsnsrv-{TLS_SERVICE}-tailscaled.service.d"
