@@ -274,6 +274,10 @@ SAME_IN_EVERY_RUN = ("seed", "mode", "duration_planned_s", "restart_sec", "profi
 def combine(folders: list[Path], out: Path) -> None:
     """One results.md and results.json of the runs in `folders` (their results.json and
     plots), made apart on the same seed and schedule: an hour per candidate at a time."""
+    missing = [str(folder) for folder in folders if not (folder / "results.json").is_file()]
+    if missing:
+        raise SystemExit(f"--combine: no results.json in {', '.join(missing)}; give the --out folders of "
+                         "bench/soak runs")
     documents = [json.loads((folder / "results.json").read_text()) for folder in folders]
     first = documents[0]
     for folder, document in zip(folders[1:], documents[1:]):
@@ -294,7 +298,7 @@ def combine(folders: list[Path], out: Path) -> None:
         combined["results"] += document["results"]
         for run in document["runs"]:
             plot_file = folder / f"plot-{run['label']}.png"
-            if plot_file.resolve() != (out / plot_file.name).resolve():
+            if plot_file.is_file() and plot_file.resolve() != (out / plot_file.name).resolve():
                 shutil.copyfile(plot_file, out / plot_file.name)
     _write_documents(out, combined)
 

@@ -115,7 +115,8 @@ PUBLISHED = Path(__file__).resolve().parents[2] / "bench" / "results" / "soak"
 def run_folder(folder: Path, label: str, **changes: Any) -> Path:
     """A copy of the published run's results, as if `label` had made it."""
     document = json.loads((PUBLISHED / "results.json").read_text())
-    published_label = document["runs"][0]["label"]
+    published_label = document["runs"][0]["label"]  # of the first candidate published
+    document["runs"], document["results"] = document["runs"][:1], document["results"][:1]
     for part in (*document["runs"], *document["results"]):
         part["label"] = label
     document["started"] = {label: "2026-12-07T05:00:00Z"}
@@ -142,4 +143,6 @@ def test_runs_made_apart_stand_side_by_side_only_on_the_same_schedule(tmp_path: 
         report.combine([ours, other_seed], tmp_path / "never")
     with pytest.raises(SystemExit, match="appears twice"):
         report.combine([ours, ours], tmp_path / "never")
+    with pytest.raises(SystemExit, match=f"no results.json in {tmp_path};"):
+        report.combine([ours, tmp_path], tmp_path / "never")
     assert not (tmp_path / "never").exists()
