@@ -309,6 +309,7 @@ def _write_documents(out: Path, document: dict[str, Any]) -> None:
                            tailscale_bin_dir=Path(document["ours_tailscaled"]).parent,
                            restart_sec=document["restart_sec"])
     schedule = [PlannedFault(**fault) for fault in document["schedule"]]
-    (out / "results.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+    # One line: an hour of samples indented would pass 2 MiB.
+    (out / "results.json").write_text(json.dumps(document, separators=(",", ":"), default=str) + "\n")
     (out / "results.md").write_text(markdown(args, Profile(**document["profile"]), schedule,
                                              document["results"], document["started"]))
